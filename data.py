@@ -1,0 +1,106 @@
+"""Data: Barlow Twins' two-view augmentations (used unchanged by the paper) and the datasets."""
+import gzip
+import os
+import shutil
+
+import torch
+import torchvision
+import torchvision.transforms as T
+
+DATASETS = ("folder", "cifar10", "fashion-mnist")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+
+def to_rgb(img):
+    return img.convert("RGB")  # Fashion-MNIST is grey; the ResNet stem wants 3 channels
+
+
+def view(size, blur_p, solarize_p):
+    """One view of the SPEC §2 table. The blur kernel is ~10% of the image (23 px at 224), as Barlow Twins."""
+    kernel = int(0.1 * size) // 2 * 2 + 1
+    return T.Compose([
+        to_rgb,
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        T.RandomSolarize(128, p=solarize_p),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class TwoViews:
+    """Barlow Twins' asymmetric pair: view A always blurred and never solarized, view B blurred with
+    p 0.1 and solarized with p 0.2."""
+
+    def __init__(self, size=224):
+        self.a, self.b = view(size, blur_p=1.0, solarize_p=0.0), view(size, blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, img):
+        return self.a(img), self.b(img)
+
+
+def probe_transforms(size=224):
+    """The linear probe's: RandomResizedCrop + flip for training, Resize(256) + CenterCrop(224) for
+    evaluation (both scaled with the image size)."""
+    train = T.Compose([to_rgb, T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    val = T.Compose([to_rgb, T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(),
+                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return train, val
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Draws sample i's augmentations from a generator seeded by (seed, epoch, i), so a run's data is
+    the same whatever the number of workers or ranks, and after a resume in the middle of an epoch."""
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        torch.manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)  # transforms draw from torch's RNG
+        return self.transform(img), label
+
+
+def fashion_mnist_root(root):
+    """torchvision reads Fashion-MNIST unzipped from root/FashionMNIST/raw; unzip Debian's copy there."""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        src = os.path.join(DEBIAN_FASHION_MNIST, name + ".gz")
+        if not os.path.exists(os.path.join(raw, name)) and os.path.exists(src):
+            os.makedirs(raw, exist_ok=True)
+            with gzip.open(src) as f, open(os.path.join(raw, name) + ".part", "wb") as g:
+                shutil.copyfileobj(f, g)
+            os.replace(os.path.join(raw, name) + ".part", os.path.join(raw, name))
+    return root
+
+
+def dataset(name, root, train=True, limit=0):
+    """Returns an (image, label) dataset; `limit` keeps its first N images (quick runs, tests).
+    folder: root/train and root/val in the ImageNet layout. cifar10 / fashion-mnist: torchvision's,
+    downloaded into root when missing (Fashion-MNIST is taken from Debian's package when present)."""
+    if name == "folder":
+        path = os.path.join(root, "train" if train else "val")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--data {root}: no {'train' if train else 'val'}/ folder (ImageNet layout)")
+        ds = torchvision.datasets.ImageFolder(path)  # raises FileNotFoundError when it holds no images
+    elif name == "cifar10":
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    elif name == "fashion-mnist":
+        ds = torchvision.datasets.FashionMNIST(fashion_mnist_root(root), train=train, download=True)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    ds.num_classes = len(ds.classes)
+    if limit:
+        sub = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+        sub.num_classes = ds.num_classes
+        return sub
+    return ds

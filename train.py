@@ -1,0 +1,365 @@
+"""Blockwise self-supervised pre-training (Siddiqui et al., TMLR 2024). Defaults are the paper's ImageNet run.
+
+    python train.py --data /imagenet                                   # one process (CPU or 1 GPU)
+    torchrun --nproc_per_node=8 train.py --data /imagenet              # one node, 8 GPUs
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py ...
+
+The run writes DIR/checkpoint.pth every epoch (and on SIGTERM) and resumes from it by itself,
+DIR/log.jsonl (one JSON object per line), and at the end DIR/trunk.pth, a torchvision state_dict.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import losses
+from blockwise import ARCHS, POOLINGS, BlockResNet, parse_blocks
+from data import DATASETS, Seeded, TwoViews, dataset
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="./data", help="dataset root (for folder: root/train, root/val)")
+    a("--dataset", default="folder", choices=DATASETS, help="folder = ImageNet layout")
+    a("--limit", type=int, default=0, help="use only the first N training images (0 = all)")
+    a("--image-size", type=int, default=224, help="crop size of the two views")
+    a("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet (§3.1: resnet50)")
+    a("--blocks", default="1,2,3,4", help="stages per block: 1,2,3,4 (§3.1), 12,3,4 merged B1+B2 (Fig. 7), "
+      "1234 end-to-end, 12,23,34 LoCo; or a preset: paper, merge12, e2e, loco")
+    a("--mode", default="simultaneous", choices=("simultaneous", "sequential"),
+      help="train all blocks at once, or block k for --epochs then freeze it (and its BN) (§3.1, Fig. 4)")
+    a("--frozen", default="", help="blocks (1-based, e.g. 1,2,3) kept frozen: random init (Fig. 4 "
+      "random baseline) or loaded from --init (Fig. 7)")
+    a("--init", default="", help="trunk weights (trunk.pth or checkpoint.pth) for the --frozen blocks")
+    a("--loss", default="barlowtwins", choices=losses.LOSSES, help="§3.2 Barlow Twins, Fig. 5 VICReg / "
+      "SimCLR, §5 supervised blockwise")
+    a("--lambd", default="0.0051", help="Barlow Twins lambda, Eq. (2); a comma list sets it per block (App. A)")
+    a("--target", default="1.0", help="invariance target of C_ii; per block e.g. 0.6,0.75,0.9,1.0 (App. A)")
+    a("--scale-loss", type=float, default=0.024, help="Barlow Twins loss scale of the released run")
+    a("--temperature", type=float, default=0.1, help="SimCLR temperature")
+    a("--pooling", default="cbe", choices=POOLINGS, help="block head (§3.3, Fig. 3, Fig. 6)")
+    a("--head-dim", type=int, default=2048, help="width of the lsp/cbe head output")
+    a("--kernel-size", type=int, default=1, help="CbE convolution kernel (Fig. 12)")
+    a("--groups", type=int, default=1, help="CbE convolution groups (App. B)")
+    a("--noise", type=float, default=0.25, help="sigma of the training noise, relative to std(x) (§5)")
+    a("--projector", default="8192-8192-8192", help="projector widths (§3.4)")
+    a("--epochs", type=int, default=300, help="epochs (per block in sequential mode)")
+    a("--batch-size", type=int, default=2048, help="global batch size, over all processes")
+    a("--lr", type=float, default=0.2, help="base learning rate, scaled by batch-size / 256")
+    a("--warmup-epochs", type=float, default=10, help="linear warm-up from 0")
+    a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on 1-D parameters)")
+    a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
+    a("--channels-last", action="store_true", help="channels_last memory format")
+    a("--workers", type=int, default=8, help="data loading processes per training process")
+    a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
+    a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
+    a("--print-freq", type=int, default=50, help="steps between progress lines")
+    return p.parse_args(argv)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as in Barlow Twins: the update g + wd * w is rescaled by the trust ratio
+    eta * |w| / |g + wd * w|, then SGD with momentum. Every 1-D parameter (biases, BatchNorm) gets
+    neither weight decay nor the trust ratio (SPEC §2)."""
+
+    def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm, 1.0)
+                    dp = dp.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(dp)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def learning_rate(step, steps, warmup, base):
+    """§3.4: linear warm-up from 0, then cosine decay from base to 0.001 x base, per step."""
+    if step < warmup:
+        return base * step / warmup
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return base * q + base * 0.001 * (1 - q)
+
+
+def per_block(value, n, flag):
+    """'0.0051' -> [0.0051] * n; '0.6,0.75,0.9,1.0' -> one value per block."""
+    vals = [float(v) for v in str(value).split(",")]
+    if len(vals) not in (1, n):
+        raise ValueError(f"{flag} {value}: give one value or one per block ({n})")
+    return vals * n if len(vals) == 1 else vals
+
+
+def block_loss(args, k, z1, z2, labels):
+    """The loss of block k on its two views' projector outputs."""
+    if args.loss == "barlowtwins":
+        return losses.barlow_twins(z1, z2, args.lambds[k], args.scale_loss, args.targets[k])
+    if args.loss == "vicreg":
+        return losses.vicreg(z1, z2)
+    if args.loss == "simclr":
+        return losses.simclr(z1, z2, args.temperature)
+    return (losses.supervised(z1, labels) + losses.supervised(z2, labels)) / 2
+
+
+def set_trainable(model, active):
+    """Train the blocks in `active`; every other block is frozen, BatchNorm statistics included (§5)."""
+    model.train()
+    for k in range(len(model.blocks)):
+        for m in model.block_modules(k):
+            m.train(False).requires_grad_(False)
+    for k in active:
+        for m in model.block_modules(k):
+            m.train(True).requires_grad_(True)
+
+
+def grad_owners(model, active):
+    """For each active block, the trainable parameters whose gradient is final once its backward is
+    done (LoCo's shared stage waits for the later unit)."""
+    seen, owners = set(), {}
+    for k in reversed(active):
+        params = [p for m in model.block_modules(k) for p in m.parameters() if p.requires_grad]
+        owners[k] = [p for p in dict.fromkeys(params) if p not in seen]
+        seen.update(owners[k])
+    return owners
+
+
+def average_grads(params):
+    """Start averaging these gradients over the ranks; returns a function that waits and writes them back.
+    We do per block what DDP does per bucket, so a block's all-reduce overlaps the next block's compute."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or losses.world_size() == 1:
+        return lambda: None
+    flat = torch.cat([g.flatten() for g in grads])
+    work = dist.all_reduce(flat, async_op=True)
+
+    def finish():
+        work.wait()
+        flat.div_(losses.world_size())
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return finish
+
+
+def train_step(model, y1, y2, labels, args, active, owners):
+    """One step of Algorithm 1, lean in memory: block k's loss is back-propagated as soon as block k has
+    run, so its graph is freed before block k+1 starts (the released code runs every forward first).
+    The gradients are the same as those of the sum of the block losses: no loss reaches another block.
+    Returns the detached loss of each active block."""
+    outs = [{0: y1}, {0: y2}]
+    out, pending = [], []
+    for k in range(max(active) + 1):
+        with torch.set_grad_enabled(k in active), torch.autocast(y1.device.type, torch.bfloat16, enabled=args.bf16):
+            h1, h2 = (model.forward_block(k, model.block_input(k, o), o) for o in outs)
+            if k not in active:
+                continue  # a frozen block only feeds the next one
+            z1, z2 = (model.projectors[k](model.heads[k](h)) for h in (h1, h2))
+        loss = block_loss(args, k, z1, z2, labels)
+        loss.backward()  # Algorithm 1: one backward per block
+        pending.append(average_grads(owners[k]))
+        out.append(loss.detach())
+    for finish in pending:
+        finish()
+    return torch.stack(out)
+
+
+class Abort(Exception):
+    """A bad input or a failed run, reported as one line without a traceback."""
+
+
+STOP = []  # set by SIGTERM: save at the end of the current step and exit
+
+
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+
+
+def model_config(args, num_classes):
+    """The arguments of BlockResNet, stored in every checkpoint so probe.py and resume rebuild it exactly."""
+    widths = [int(w) for w in args.projector.split("-")]
+    if args.loss == "supervised":  # §3.4: the projector's last layer outputs the classes
+        widths[-1] = num_classes
+    return dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
+                kernel_size=args.kernel_size, groups=args.groups, noise=args.noise, projector_widths=widths)
+
+
+def check_config(saved, wanted, what):
+    diff = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if k != "noise" and saved.get(k) != v]
+    if diff:
+        raise Abort(f"{what} holds a different model: " + ", ".join(diff))
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_frozen_init(model, path, frozen):
+    """Fig. 7: the --frozen blocks take their trunk weights from another run (trunk.pth or checkpoint.pth)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in sd.get("model", sd).items() if not k.startswith(("heads.", "projectors."))}
+    prefixes = tuple(p for k in frozen for s in model.blocks[k]
+                     for p in (("conv1.", "bn1.", "layer1.") if s == 1 else (f"layer{s}.",)))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
+    if bad:
+        raise Abort(f"--init {path}: missing or mis-shaped weights for the frozen blocks, e.g. {bad[0]}")
+    model.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+def progress(log, epoch, epochs, step, steps, eta_s):
+    losses_txt = " ".join(f"{v:.4g}" for v in log["loss"])
+    eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m{int(eta_s % 60):02d}s"
+    return (f"epoch {epoch + 1}/{epochs} step {step}/{steps} | lr {log['lr']:.4g} | loss per block "
+            f"{losses_txt} | {log['img_per_s']:.1f} img/s | ETA {eta}")
+
+
+def main(args):
+    device, rank, world = setup_distributed()
+    if args.batch_size % world:
+        raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        open(os.path.join(args.out, ".write-test"), "w").close()
+        os.remove(os.path.join(args.out, ".write-test"))
+    except OSError as e:
+        raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
+    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "log.jsonl")
+
+    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit)
+    config = model_config(args, train_set.num_classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = BlockResNet(**config)
+    n = len(model.blocks)
+    args.lambds, args.targets = per_block(args.lambd, n, "--lambd"), per_block(args.target, n, "--target")
+    frozen = {int(k) - 1 for k in args.frozen.split(",") if k}
+    if not frozen <= set(range(n)) or len(frozen) == n:
+        raise Abort(f"--frozen {args.frozen}: must name some, not all, of blocks 1-{n}")
+    if args.init:
+        load_frozen_init(model, args.init, frozen)
+    trainable = [k for k in range(n) if k not in frozen]
+    phases = [[k] for k in trainable] if args.mode == "sequential" else [trainable]  # §3.1, Fig. 2
+
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
+
+    start_epoch, start_step = 0, 0
+    if os.path.exists(ckpt_path):  # auto-resume
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        check_config(ckpt["config"], config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
+    elif world > 1:
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+
+    local_bs = args.batch_size // world
+    data = Seeded(train_set, TwoViews(args.image_size), args.seed)
+    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps = len(sampler) // local_bs
+    if steps == 0:
+        raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
+    epochs = args.epochs * len(phases)
+    signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
+    if rank == 0:
+        print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
+              f"{world} process(es) on {device.type}, {steps} steps/epoch, epochs {start_epoch}->{epochs}", flush=True)
+
+    for epoch in range(start_epoch, epochs):
+        phase = phases[epoch // args.epochs]
+        set_trainable(model, phase)
+        owners = grad_owners(model, phase)
+        sampler.set_epoch(epoch)
+        data.epoch = epoch
+        first = start_step if epoch == start_epoch else 0
+        indices = list(sampler)[first * local_bs:steps * local_bs]  # a resumed epoch skips what it did
+        loader = torch.utils.data.DataLoader(data, local_bs, sampler=indices, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda", drop_last=True)
+        t0, seen = time.time(), 0
+        for i, ((y1, y2), labels) in enumerate(loader, start=first):
+            fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+            y1, y2 = (y.to(device, non_blocking=True, memory_format=fmt) for y in (y1, y2))
+            labels = labels.to(device, non_blocking=True)
+            in_phase = (epoch % args.epochs) * steps + i
+            lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            torch.manual_seed(hash((args.seed, rank, epoch, i)) & 0xFFFF_FFFF)  # the noise of §5, resumable
+            optimizer.zero_grad(set_to_none=True)  # frozen blocks keep grad None, so LARS skips them
+            block_losses = train_step(model, y1, y2, labels, args, phase, owners)
+            if not torch.isfinite(block_losses).all():
+                k = phase[int((~torch.isfinite(block_losses)).nonzero()[0])]
+                raise Abort(f"loss of block {k + 1} is {block_losses.tolist()[phase.index(k)]} at epoch {epoch + 1} "
+                            f"step {i}; stopped, {ckpt_path} holds the last good state")
+            optimizer.step()
+            seen += args.batch_size
+            stop = torch.tensor(float(bool(STOP)))
+            if world > 1:
+                dist.all_reduce(stop)  # every rank stops at the same step
+            if rank == 0 and ((i + 1) % args.print_freq == 0 or i + 1 == steps):
+                rate = seen / (time.time() - t0)
+                log = dict(epoch=epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,
+                           blocks=[k + 1 for k in phase])
+                eta = ((epochs - epoch - 1) * steps + steps - i - 1) * args.batch_size / rate
+                print(progress(log, epoch, epochs, i + 1, steps, eta), flush=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log) + "\n")
+            if stop:
+                if rank == 0:
+                    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+                                     step=i + 1, config=config, args=vars(args)), ckpt_path)
+                    print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {i + 1}; rerun to resume", flush=True)
+                return
+        if rank == 0:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
+                             config=config, args=vars(args)), ckpt_path)
+    if rank == 0:
+        save_atomic(model.trunk_state_dict(), os.path.join(args.out, "trunk.pth"))
+        print(f"done: {ckpt_path}, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth", flush=True)
+
+
+def run(argv=None):
+    """Entry point: bad input and failed runs end with one line on stderr and exit code 2."""
+    args = get_args(argv)
+    try:
+        main(args)
+    except (Abort, ValueError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()
