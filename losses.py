@@ -67,10 +67,13 @@ def world_size():
 def fp32(loss):
     """Compute the loss in float32 with autocast off: the cross-correlation and the exponentials of
     NT-Xent overflow or lose precision in half precision (SPEC §4)."""
+    def up(t):  # half types to float32; float64 and integer labels stay as they are
+        return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
     @functools.wraps(loss)
     def wrapper(z1, z2, *args, **kwargs):
         with torch.autocast(z1.device.type, enabled=False):
-            return loss(z1.float(), z2.float() if z2.is_floating_point() else z2, *args, **kwargs)
+            return loss(up(z1), up(z2), *args, **kwargs)
     return wrapper
 
 

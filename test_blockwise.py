@@ -1,0 +1,300 @@
+"""Tests: python -m pytest -q test_blockwise.py
+
+Run under torchrun, this file is also the worker of the distributed tests (see `dist_worker`).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import losses
+import train
+from blockwise import POOLINGS, BlockResNet, add_noise, parse_blocks
+from train import LARS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(arch="resnet18", head_dim=128, projector_widths=(64, 64))
+
+
+def small_model(**kw):
+    torch.manual_seed(0)
+    return BlockResNet(**{**TINY, **kw})
+
+
+def block_params(model, k):
+    return {id(p) for m in model.block_modules(k) for p in m.parameters()}
+
+
+# ---------------------------------------------------------------- the model (blockwise.py)
+
+@pytest.mark.parametrize("blocks", ["1,2,3,4", "12,3,4", "1234"])
+def test_each_block_loss_reaches_only_its_block(blocks):
+    model = small_model(blocks=blocks).train()
+    x = torch.randn(4, 3, 32, 32)
+    for k in range(len(model.blocks)):
+        model.zero_grad(set_to_none=True)
+        model.projectors[k](model(x)[k]).pow(2).sum().backward()
+        own = block_params(model, k)
+        for p in model.parameters():
+            if id(p) in own:
+                assert p.grad is not None, f"block {k + 1} parameter without gradient"
+            else:
+                assert p.grad is None or p.grad.abs().max() == 0, f"block {k + 1}'s loss leaked to another block"
+        assert sum(model.get_parameter(n).grad.abs().sum() for n, p in model.named_parameters()
+                   if id(p) in own and p.grad is not None) > 0
+
+
+def test_loco_shared_stage_gets_gradients_from_both_units():
+    model = small_model(blocks="loco").train()
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for k in range(2):
+        model.zero_grad(set_to_none=True)
+        model.projectors[k](model(x)[k]).pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0})
+    assert any(n.startswith("layer2.") for n in grads[0]) and any(n.startswith("layer2.") for n in grads[1])
+    assert not any(n.startswith("layer3.") for n in grads[0])  # unit 1-2 stops below stage 3
+    assert not any(n.startswith(("conv1.", "layer1.")) for n in grads[1])  # unit 2-3 input is detached
+
+
+def test_parse_blocks():
+    assert parse_blocks("paper") == [(1,), (2,), (3,), (4,)]
+    assert parse_blocks("12,3,4") == [(1, 2), (3,), (4,)]
+    assert parse_blocks("loco") == [(1, 2), (2, 3), (3, 4)]
+    for bad in ("13,4", "5", "a,b", ""):
+        with pytest.raises(ValueError):
+            parse_blocks(bad)
+
+
+@pytest.mark.parametrize("arch,channels", [("resnet18", (64, 128, 256, 512)), ("resnet50", (256, 512, 1024, 2048))])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pooling_shapes(arch, channels, pooling):
+    torch.manual_seed(0)
+    model = BlockResNet(arch, pooling=pooling, projector_widths=(32, 16)).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(2, 3, 64, 64))
+    want = list(channels) if pooling == "gsp" else [2048] * 4
+    assert [tuple(f.shape) for f in feats] == [(2, d) for d in want]
+    assert [tuple(model.projectors[k](f).shape) for k, f in enumerate(feats)] == [(2, 16)] * 4
+
+
+def test_cbe_kernel_and_groups():
+    head = BlockResNet("resnet18", pooling="cbe", kernel_size=3, groups=4, head_dim=128, projector_widths=None).heads[0]
+    conv = head.expand[0]
+    assert conv.kernel_size == (3, 3) and conv.groups == 4 and conv.padding == (1, 1) and conv.bias is None
+    assert head(torch.randn(2, 64, 8, 8)).shape == (2, 128)
+
+
+def test_lsp_is_the_average_of_each_spatial_bin():
+    head = BlockResNet("resnet50", pooling="lsp", projector_widths=None).heads[0]  # 256 channels -> 8 bins
+    x = torch.randn(2, 256, 8, 8)
+    manual = torch.stack([x[:, :, r * 4:(r + 1) * 4, c * 2:(c + 1) * 2].mean((2, 3))
+                          for r in range(2) for c in range(4)], dim=2)  # B x C x bins, bins as a 2 x 4 grid
+    assert torch.allclose(head(x), manual.flatten(1), atol=1e-6)
+
+
+def test_noise_only_in_training_and_relative_to_std():
+    torch.manual_seed(0)
+    x = 3.0 * torch.randn(64, 32, 16, 16)
+    assert torch.equal(add_noise(x, 0.25, training=False), x)
+    delta = add_noise(x, 0.25, training=True) - x
+    assert abs(delta.std().item() / x.std().item() - 0.25) < 0.01 and abs(delta.mean().item()) < 0.01
+    model = small_model(noise=0.5)
+    y = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model(y), model(y)))  # deterministic without noise
+
+
+def test_projectors_are_initialised_independently():
+    model = small_model()
+    w = [p[0].weight for p in model.projectors[1:]]
+    assert not torch.equal(w[0], w[1]) and model.projectors[0][0].bias is None
+
+
+def test_trunk_loads_strictly_into_torchvision():
+    for arch in ("resnet18", "resnet50"):
+        model = BlockResNet(arch, pooling="cbe", projector_widths=(32, 16))
+        missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(model.trunk_state_dict(), strict=False)
+        assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+# ---------------------------------------------------------------- the losses against naive float64 formulas
+
+def naive_standardize(z):
+    b, d = z.shape
+    out = torch.empty_like(z)
+    for i in range(d):
+        m = sum(z[n, i] for n in range(b)) / b
+        v = sum((z[n, i] - m) ** 2 for n in range(b)) / b
+        out[:, i] = (z[:, i] - m) / math.sqrt(v + 1e-5)
+    return out
+
+
+def naive_barlow_twins(z1, z2, lambd, scale, target):
+    a, b = naive_standardize(z1), naive_standardize(z2)
+    n, d = a.shape
+    loss = 0.0
+    for i in range(d):
+        for j in range(d):
+            c = sum(a[k, i] * b[k, j] for k in range(n)) / n
+            loss += (target - c) ** 2 if i == j else lambd * c ** 2
+    return scale * loss
+
+
+def naive_vicreg(z1, z2):
+    n, d = z1.shape
+    sim = sum((z1[k, i] - z2[k, i]) ** 2 for k in range(n) for i in range(d)) / (n * d)
+    var, cov = 0.0, 0.0
+    for z in (z1, z2):
+        x = z - z.mean(0)
+        for i in range(d):
+            var += max(0.0, 1 - math.sqrt(sum(x[k, i] ** 2 for k in range(n)) / (n - 1) + 1e-4)) / d / 2
+            for j in range(d):
+                if i != j:
+                    cov += (sum(x[k, i] * x[k, j] for k in range(n)) / (n - 1)) ** 2 / d
+    return 25 * sim + 25 * var + cov
+
+
+def naive_simclr(z1, z2, t):
+    z = torch.cat([z1, z2])
+    z = z / z.norm(dim=1, keepdim=True)
+    n = z1.shape[0]
+    total = 0.0
+    for a in range(2 * n):
+        pos = (a + n) % (2 * n)
+        denom = sum(math.exp(float(z[a] @ z[k]) / t) for k in range(2 * n) if k != a)
+        total += -math.log(math.exp(float(z[a] @ z[pos]) / t) / denom)
+    return total / (2 * n)
+
+
+def naive_cross_entropy(logits, labels):
+    return sum(-math.log(math.exp(logits[k, labels[k]]) / sum(math.exp(v) for v in logits[k]))
+               for k in range(len(labels))) / len(labels)
+
+
+def test_losses_match_naive_formulas():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    for lambd, scale, target in ((0.0051, 0.024, 1.0), (0.3, 1.0, 0.6)):
+        assert math.isclose(losses.barlow_twins(z1, z2, lambd, scale, target).item(),
+                            naive_barlow_twins(z1, z2, lambd, scale, target), rel_tol=1e-9)
+    assert math.isclose(losses.vicreg(z1, z2).item(), naive_vicreg(z1, z2), rel_tol=1e-9)
+    assert math.isclose(losses.simclr(z1, z2, 0.5).item(), naive_simclr(z1, z2, 0.5), rel_tol=1e-9)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    assert math.isclose(losses.supervised(z1, labels).item(), naive_cross_entropy(z1, labels), rel_tol=1e-9)
+
+
+def test_loss_minima():
+    h = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+    z = torch.kron(h, h)[:, 1:6]  # 16 x 5: zero-mean, unit-variance, mutually orthogonal columns
+    assert losses.barlow_twins(z, z).item() < 1e-5  # C = I
+    assert losses.barlow_twins(z, -z).item() > 0.09  # C = -I: invariance term 4 per dim
+    assert losses.vicreg(2 * z, 2 * z).item() < 1e-9  # no distance, std 2 > 1, no covariance
+    far = torch.eye(16, dtype=torch.float64)[:8]  # twins identical, all others orthogonal
+    assert losses.simclr(far, far, 0.1).item() < 1e-3 < losses.simclr(far, far.roll(1, 0), 0.1).item()
+
+
+def test_losses_are_fp32_under_autocast():
+    z1, z2 = torch.randn(8, 4), torch.randn(8, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        for fn in (losses.barlow_twins, losses.vicreg, losses.simclr):
+            assert fn(z1.bfloat16(), z2.bfloat16()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- exactness under torch.distributed (2 gloo processes)
+
+LOSS_FNS = {"barlowtwins": lambda z1, z2, y: losses.barlow_twins(z1, z2, 0.2, 1.0),
+            "vicreg": lambda z1, z2, y: losses.vicreg(z1, z2),
+            "simclr": lambda z1, z2, y: losses.simclr(z1, z2, 0.5),
+            "supervised": lambda z1, z2, y: losses.supervised(z1, y)}
+
+
+def toy_problem():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return x1, x2, w, torch.randint(0, 5, (8,), generator=g)
+
+
+def dist_worker(out_dir):
+    """Each of N ranks holds 8/N samples of the toy problem; it records its loss and its gradient
+    after averaging over ranks, as DDP does."""
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    x1, x2, w0, y = toy_problem()
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    result = {}
+    for name, fn in LOSS_FNS.items():
+        w = w0.clone().requires_grad_()
+        loss = fn(x1[part] @ w, x2[part] @ w, y[part])
+        loss.backward()
+        torch.distributed.all_reduce(w.grad)
+        result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def torchrun(*args, nproc=2, timeout=600, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_losses_exact_in_two_processes(tmp_path):
+    r = torchrun("test_blockwise.py", "dist-worker", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    x1, x2, w0, y = toy_problem()
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        for name, fn in LOSS_FNS.items():
+            w = w0.clone().requires_grad_()
+            loss = fn(x1 @ w, x2 @ w, y)
+            loss.backward()
+            assert math.isclose(got[name]["loss"], loss.item(), rel_tol=1e-10), name
+            assert np.allclose(got[name]["grad"], w.grad.flatten().numpy(), rtol=1e-9, atol=1e-12), name
+
+
+# ---------------------------------------------------------------- LARS against a hand computation
+
+def test_lars_by_hand():
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, eta=0.02)
+    hw, hb = w.detach().numpy().astype(np.float64).copy(), b.detach().numpy().astype(np.float64).copy()
+    mw, mb = np.zeros_like(hw), np.zeros_like(hb)
+    for step in range(3):
+        gw, gb = torch.randn(3, 4), torch.randn(4)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        u = gw.numpy() + 0.1 * hw  # weight decay on the matrix only
+        u = u * (0.02 * np.linalg.norm(hw) / np.linalg.norm(u))  # trust ratio on the matrix only
+        mw, mb = 0.9 * mw + u, 0.9 * mb + gb.numpy()  # the bias: plain momentum SGD
+        hw, hb = hw - 0.5 * mw, hb - 0.5 * mb
+        assert np.allclose(w.detach().numpy(), hw, atol=1e-6) and np.allclose(b.detach().numpy(), hb, atol=1e-6)
+
+
+def test_lars_skips_parameters_without_gradient():
+    p = torch.nn.Parameter(torch.ones(2, 2))
+    LARS([p], lr=1.0).step()
+    assert torch.equal(p, torch.ones(2, 2))
+
+
+def test_learning_rate_schedule():
+    assert train.learning_rate(0, 100, 10, 0.4) == 0
+    assert math.isclose(train.learning_rate(5, 100, 10, 0.4), 0.2)
+    assert math.isclose(train.learning_rate(10, 100, 10, 0.4), 0.4)
+    assert math.isclose(train.learning_rate(100, 100, 10, 0.4), 0.4 * 0.001)
+
+
+if __name__ == "__main__" and sys.argv[1] == "dist-worker":
+    dist_worker(sys.argv[2])
