@@ -296,5 +296,144 @@ def test_learning_rate_schedule():
     assert math.isclose(train.learning_rate(100, 100, 10, 0.4), 0.4 * 0.001)
 
 
+# ---------------------------------------------------------------- training (train.py) on real image files
+
+def image_folder(root, per_class=8, classes=2, size=40, splits=("train", "val")):
+    """A tiny ImageNet-layout folder of real PNG files: class c has a bright channel c."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(per_class):
+                a = (rng.random((size, size, 3)) * 128).astype(np.uint8)
+                a[..., c % 3] += 127
+                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+SMALL = ["--arch", "resnet18", "--image-size", "32", "--projector", "64-64", "--head-dim", "128",
+         "--workers", "0", "--print-freq", "1", "--warmup-epochs", "0", "--lr", "0.05"]
+
+
+def run_train(data, out, *extra):
+    args = train.get_args(["--data", data, "--out", str(out), *SMALL, *extra])
+    train.main(args)
+    return args
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+
+
+def test_lean_step_gives_the_gradients_of_the_summed_losses():
+    model = small_model(noise=0.0).train()
+    twin = small_model(noise=0.0).train()
+    args = train.get_args(SMALL)
+    args.lambds, args.targets = [0.0051] * 4, [1.0] * 4
+    y1, y2, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+    train.train_step(model, y1, y2, labels, args, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+    f1, f2 = twin(y1), twin(y2)
+    sum(losses.barlow_twins(twin.projectors[k](a), twin.projectors[k](b)) for k, (a, b) in enumerate(zip(f1, f2))).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
+    model = small_model(blocks="1,2")
+    args = train.get_args(SMALL)
+    args.lambds, args.targets = [0.0051] * 2, [1.0] * 2
+    train.set_trainable(model, [1])
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1", "layer1", "heads.0", "projectors.0"))}
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("layer2")}
+    opt = LARS(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        train.train_step(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), None, args, [1],
+                         train.grad_owners(model, [1]))
+        opt.step()
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in frozen.items())
+    assert not torch.equal(now["layer2.0.conv1.weight"], before["layer2.0.conv1.weight"])
+    assert not torch.equal(now["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])
+
+
+@pytest.mark.parametrize("extra", [["--loss", "vicreg", "--pooling", "lsp", "--head-dim", "512"], ["--loss", "simclr", "--pooling", "gsp"],
+                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3"],
+                                   ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2", "--pooling", "cbe-l2"]])
+def test_every_variant_trains(tmp_path, extra):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert all(math.isfinite(v) for entry in log for v in entry["loss"])
+    if "sequential" in extra:
+        assert [e["blocks"] for e in log] == [[1], [1], [2], [2]]
+
+
+def test_frozen_first_block_from_another_run(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "a", "--epochs", "1", "--batch-size", "8")
+    run_train(data, tmp_path / "b", "--epochs", "1", "--batch-size", "8", "--frozen", "1", "--init",
+              str(tmp_path / "a" / "trunk.pth"), "--seed", "1")
+    a, b = torch.load(tmp_path / "a" / "trunk.pth", weights_only=True), weights(tmp_path / "b")["model"]
+    first = [k for k in a if k.startswith(("conv1", "bn1", "layer1"))]
+    assert first and all(torch.equal(a[k], b[k]) for k in first)
+    assert not torch.equal(a["layer2.0.conv1.weight"], b["layer2.0.conv1.weight"])
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """2 gloo ranks x 4 images against one process holding the 8. On CPU each rank's BatchNorm normalises
+    with its own 4 images (SyncBatchNorm is GPU-only), so the one-process reference runs each rank's half
+    through the network separately, then takes the loss and the LARS step over the whole batch: exactly
+    what the two ranks compute together. Compared: the first step's loss of every block, the weights after
+    it, and that both ranks end with identical weights."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8", "--noise", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "all 2 ranks hold identical weights" in r.stdout
+    logged = json.loads(open(out / "log.jsonl").readline())["loss"]
+
+    args = train.get_args(["--data", data, *SMALL, "--noise", "0", "--batch-size", "8"])
+    ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
+    torch.manual_seed(0)
+    model = BlockResNet(**train.model_config(args, 2)).train()
+    halves = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(ds, 2, rank, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(0)
+        batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
+        halves.append([model(v) for v in batch[0]])  # per-rank BatchNorm statistics
+    total = 0
+    for k in range(4):
+        z1, z2 = (torch.cat([model.projectors[k](h[v][k]) for h in halves]) for v in (0, 1))
+        loss = losses.barlow_twins(z1, z2)
+        assert math.isclose(loss.item(), logged[k], rel_tol=1e-4), (k, loss.item(), logged[k])
+        total = total + loss
+    total.backward()
+    LARS(model.parameters(), lr=0.05 * 8 / 256).step()
+    got = weights(out)["model"]
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, got[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_resume_after_a_kill_is_exact_and_trunk_loads_into_torchvision(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=16)
+    cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], cwd=HERE, check=True, capture_output=True)
+    p = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], cwd=HERE, stdout=subprocess.DEVNULL)
+    while not (tmp_path / "b" / "checkpoint.pth").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert weights(tmp_path / "b")["epoch"] == 1  # killed after the first epoch's checkpoint
+    subprocess.run(cmd + ["--out", str(tmp_path / "b")], cwd=HERE, check=True, capture_output=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["mu"], b["optimizer"]["state"][i]["mu"]) for i in a["optimizer"]["state"])
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(
+        torch.load(tmp_path / "b" / "trunk.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
 if __name__ == "__main__" and sys.argv[1] == "dist-worker":
     dist_worker(sys.argv[2])

@@ -140,6 +140,14 @@ def grad_owners(model, active):
     return owners
 
 
+def unflatten_into(flat, tensors):
+    """Copy a vector back into the tensors it was concatenated from (one message instead of one each)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def average_grads(params):
     """Start averaging these gradients over the ranks; returns a function that waits and writes them back.
     We do per block what DDP does per bucket, so a block's all-reduce overlaps the next block's compute."""
@@ -151,12 +159,17 @@ def average_grads(params):
 
     def finish():
         work.wait()
-        flat.div_(losses.world_size())
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        unflatten_into(flat.div_(losses.world_size()), grads)
     return finish
+
+
+def broadcast_buffers(model):
+    """BatchNorm running statistics from rank 0 to all, in one message, as DDP's broadcast_buffers does:
+    without SyncBatchNorm (CPU) each rank would otherwise track the statistics of its own images."""
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    flat = torch.cat([b.flatten() for b in bufs])
+    dist.broadcast(flat, 0)
+    unflatten_into(flat, bufs)
 
 
 def train_step(model, y1, y2, labels, args, active, owners):
@@ -234,6 +247,19 @@ def load_frozen_init(model, path, frozen):
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
+def check_replicas(model):
+    """After training, every rank must hold exactly rank 0's weights and BN statistics (gradients
+    averaged identically, BN buffers of frozen blocks untouched); a mismatch is a bug, not noise."""
+    mine = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+    ref = mine.clone()
+    dist.broadcast(ref, 0)
+    bad = torch.tensor(float(not torch.equal(mine, ref)))
+    dist.all_reduce(bad)
+    if bad:
+        raise Abort(f"the weights of {int(bad)} rank(s) differ from rank 0's")
+    return f"all {dist.get_world_size()} ranks hold identical weights"
+
+
 def progress(log, epoch, epochs, step, steps, eta_s):
     losses_txt = " ".join(f"{v:.4g}" for v in log["loss"])
     eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m{int(eta_s % 60):02d}s"
@@ -247,8 +273,8 @@ def main(args):
         raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     try:
         os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, ".write-test"), "w").close()
-        os.remove(os.path.join(args.out, ".write-test"))
+        open(os.path.join(args.out, f".write-test-{rank}"), "w").close()
+        os.remove(os.path.join(args.out, f".write-test-{rank}"))
     except OSError as e:
         raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
     ckpt_path, log_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "log.jsonl")
@@ -322,6 +348,8 @@ def main(args):
                 raise Abort(f"loss of block {k + 1} is {block_losses.tolist()[phase.index(k)]} at epoch {epoch + 1} "
                             f"step {i}; stopped, {ckpt_path} holds the last good state")
             optimizer.step()
+            if world > 1:
+                broadcast_buffers(model)
             seen += args.batch_size
             stop = torch.tensor(float(bool(STOP)))
             if world > 1:
@@ -343,7 +371,10 @@ def main(args):
         if rank == 0:
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
                              config=config, args=vars(args)), ckpt_path)
+    same = check_replicas(model) if world > 1 else None
     if rank == 0:
+        if same:
+            print(same, flush=True)
         save_atomic(model.trunk_state_dict(), os.path.join(args.out, "trunk.pth"))
         print(f"done: {ckpt_path}, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth", flush=True)
 
