@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 POOLINGS = ("cbe", "cbe-l2", "cbe-sqrt", "gsp", "lsp")
@@ -102,8 +103,9 @@ class BlockResNet(nn.Module):
     """
 
     def __init__(self, arch="resnet50", blocks="1,2,3,4", pooling="cbe", head_dim=2048, kernel_size=1,
-                 groups=1, noise=0.25, projector_widths=(8192, 8192, 8192)):
+                 groups=1, noise=0.25, projector_widths=(8192, 8192, 8192), checkpoint_heads=False):
         super().__init__()
+        self.checkpoint_heads = checkpoint_heads
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
         trunk = getattr(torchvision.models, arch)()
@@ -142,11 +144,17 @@ class BlockResNet(nn.Module):
         outs[s] = x = add_noise(x, self.noise, self.training)  # §5: before the head and the next block
         return x
 
+    def pool(self, k, x):
+        """Block k's head. With checkpoint_heads, its activations (CbE's 2048-channel map at the block's
+        resolution, the largest of the whole model at block 1) are recomputed in the backward, not stored."""
+        if self.checkpoint_heads and torch.is_grad_enabled():
+            return checkpoint(self.heads[k], x, use_reentrant=False)
+        return self.heads[k](x)
+
     def forward(self, x):
         """Algorithm 1: one pooled feature per block, each block fed the previous one's detached output."""
         outs = {0: x}
-        return [self.heads[k](self.forward_block(k, self.block_input(k, outs), outs))
-                for k in range(len(self.blocks))]
+        return [self.pool(k, self.forward_block(k, self.block_input(k, outs), outs)) for k in range(len(self.blocks))]
 
     def trunk_state_dict(self):
         """The ResNet weights alone, under torchvision's names."""

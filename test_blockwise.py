@@ -18,6 +18,7 @@ import torchvision
 from PIL import Image
 
 import losses
+import probe
 import train
 from blockwise import POOLINGS, BlockResNet, add_noise, parse_blocks
 from train import LARS
@@ -433,6 +434,73 @@ def test_resume_after_a_kill_is_exact_and_trunk_loads_into_torchvision(tmp_path)
     missing, unexpected = torchvision.models.resnet18().load_state_dict(
         torch.load(tmp_path / "b" / "trunk.pth", weights_only=True), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+# ---------------------------------------------------------------- evaluation (probe.py)
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real tiny checkpoint from train.py, shared by the probe tests."""
+    root = tmp_path_factory.mktemp("probe")
+    data = image_folder(root / "data")
+    run_train(data, root / "run", "--epochs", "1", "--batch-size", "8")
+    return data, str(root / "run" / "checkpoint.pth")
+
+
+def probe_args(ckpt, data, *extra):
+    return probe.get_args([ckpt, "--data", data, "--image-size", "32", "--workers", "0", "--batch-size", "8",
+                           "--epochs", "2", *extra])
+
+
+def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, tmp_path):
+    data, ckpt = trained
+    for extra in (["--fast"], [], ["--features", "trunk", "--blocks-to-probe", "2,4", "--diagnostics"]):
+        res = probe.main(probe_args(ckpt, data, "--out", str(tmp_path), *extra))
+        saved = json.load(open(tmp_path / "probe.json"))
+        assert [b["block"] for b in saved["blocks"]] == ([2, 4] if "trunk" in extra else [1, 2, 3, 4])
+        assert all(0 <= b["top1"] <= 100 and b["top5"] >= b["top1"] for b in saved["blocks"]) and res["blocks"] == saved["blocks"]
+    assert len(saved["diagnostics"]) == 4 and -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
+    model = probe.load_frozen(ckpt, probe_args(ckpt, data), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
+    batches = lambda epoch: ((probe.block_features(model, x, "head", [0, 3]), y)  # noqa: E731
+                             for x, y in torch.utils.data.DataLoader(ds, 8))
+    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data), 0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
+
+
+def test_probe_learns_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (600,), generator=g)
+    f = torch.randn(600, 16, generator=g) + 4 * F.one_hot(y, 16).float()
+    probes = probe.Probes([16], 3)
+    args = probe.get_args(["x", "--epochs", "20", "--lr", "0.1"])
+    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args, 0)
+    assert probe.accuracy(probes, [([f], y)])[0]["top1"] > 95
+    assert probe.knn(f[:500], y[:500], f[500:], y[500:], 10, 3) > 95
+
+
+def test_corruption_tree_walker(tmp_path):
+    for corruption in ("fog", "gaussian_noise"):
+        for severity in ("1", "5"):
+            image_folder(tmp_path / corruption / severity, per_class=2, splits=(".",))
+    found = [(c, s, len(ds)) for c, s, ds in probe.corruption_sets(str(tmp_path), None)]
+    assert found == [("fog", "1", 4), ("fog", "5", 4), ("gaussian_noise", "1", 4), ("gaussian_noise", "5", 4)]
+
+
+def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
+    data, ckpt = trained
+    for extra in (["--arch", "resnet50"], ["--pooling", "gsp"], ["--blocks", "12,3,4"]):
+        with pytest.raises(SystemExit) as e:
+            probe.run(probe_args(ckpt, data, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "not the" in err
+    bad = torch.load(ckpt, weights_only=True)
+    bad["config"]["pooling"] = "gsp"  # weights of CbE heads under a GSP config
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit):
+        probe.run(probe_args(str(tmp_path / "bad.pth"), data))
+    assert "does not match" in capsys.readouterr().err
 
 
 if __name__ == "__main__" and sys.argv[1] == "dist-worker":

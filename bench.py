@@ -1,0 +1,181 @@
+"""Speed and memory of one training step, three schedules side by side (nothing here is a test).
+
+    python bench.py                                   # ResNet-50, 224 px, batch 8, projector 2048-2048-2048, CPU
+    python bench.py --batch-size 256 --projector 8192-8192-8192 --json bench.json   # paper sizes, one GPU
+
+Schedules: e2e = one Barlow Twins head on top of the whole ResNet (the baseline); released = the
+authors' order (every block forward for both views, then the backward passes); ours = train.py's
+step (block k back-propagated before block k+1 runs). Each configuration runs in a fresh process so
+that its peak memory is its own: on GPU torch.cuda.max_memory_allocated, on CPU the peak RSS.
+FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import losses
+import train
+from blockwise import BlockResNet
+
+# name: (schedule, options); options: bf16, channels_last, checkpoint_heads, compile
+CONFIGS = {
+    "e2e fp32": ("e2e", {}),
+    "released fp32": ("released", {}),
+    "ours fp32": ("ours", {}),
+    "ours fp32 ckpt-head": ("ours", {"checkpoint_heads": True}),
+    "ours fp32 channels-last": ("ours", {"channels_last": True}),
+    "released bf16": ("released", {"bf16": True}),
+    "ours bf16": ("ours", {"bf16": True}),
+    "ours bf16 channels-last": ("ours", {"bf16": True, "channels_last": True}),
+    "ours bf16 ckpt-head": ("ours", {"bf16": True, "checkpoint_heads": True}),
+    "ours fp32 compile": ("ours", {"compile": True}),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--arch", default="resnet50")
+    a("--image-size", type=int, default=224)
+    a("--batch-size", type=int, default=8, help="images per view per step")
+    a("--projector", default="2048-2048-2048")
+    a("--pooling", default="cbe")
+    a("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    a("--configs", default="", help=f"comma list from: {', '.join(CONFIGS)} (default: the fp32 ones on CPU, "
+      "where bf16 has no fast kernels unless the CPU has AVX512-BF16/AMX; all but compile on GPU)")
+    a("--json", default="", help="write the results here")
+    a("--worker", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def setup(args, schedule, opt):
+    """Model, optimizer, two random views and the step function of one configuration."""
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    widths = [int(w) for w in args.projector.split("-")]
+    model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
+                        noise=0.0 if schedule == "e2e" else 0.25, projector_widths=widths,
+                        checkpoint_heads=opt.get("checkpoint_heads", False)).to(device).train()
+    fmt = torch.channels_last if opt.get("channels_last") else torch.contiguous_format
+    model.to(memory_format=fmt)
+    y1, y2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
+              for _ in range(2))
+    targs = train.get_args(["--bf16"] if opt.get("bf16") else [])
+    targs.lambds, targs.targets = [0.0051] * 4, [1.0] * 4
+    optimizer = train.LARS(model.parameters(), lr=0.1)
+    n, active = len(model.blocks), list(range(len(model.blocks)))
+    if opt.get("compile"):
+        for k in range(n):  # compile the pieces the step calls, not the step's Python control flow
+            model.heads[k] = torch.compile(model.heads[k])
+            model.projectors[k] = torch.compile(model.projectors[k])
+
+    def released():  # the authors' order: all forwards, then one backward per block (Algorithm 1)
+        with torch.autocast(device.type, torch.bfloat16, enabled=targs.bf16):
+            f1, f2 = model(y1), model(y2)
+            zs = [(model.projectors[k](a), model.projectors[k](b)) for k, (a, b) in enumerate(zip(f1, f2))]
+        for z1, z2 in zs:
+            losses.barlow_twins(z1, z2).backward()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if schedule == "released":
+            released()
+        else:  # e2e is train.py's step with a single block
+            train.train_step(model, y1, y2, None, targs, active, train.grad_owners(model, active))
+        optimizer.step()
+    return model, step, device
+
+
+def worker(args, name):
+    schedule, opt = CONFIGS[name]
+    model, step, device = setup(args, schedule, opt)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step()  # warm-up (and compilation)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    sec = (time.perf_counter() - t0) / args.steps
+    with FlopCounterMode(display=False) as fc:
+        step()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec,
+                gflop_per_img=fc.get_total_flops() / args.batch_size / 1e9, peak_mib=peak,
+                model_mib=rss0 if device.type == "cpu" else None, device=device.type)
+
+
+def matmul_peak(dtype, seconds=1.0):
+    """This machine's dense matmul FLOP/s (the best over square sizes 512 to 4096, about a second each,
+    stopping early where one product is already slow): the yardstick of the MFU column."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    best = 0.0
+    for n in (512, 1024, 2048, 4096):
+        if best and 2 * n ** 3 / best > seconds / 4:
+            break
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        sync()
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            sync()
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def main(args):
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows, cuda = [], torch.cuda.is_available()
+    names = args.configs.split(",") if args.configs else [c for c in CONFIGS if "compile" not in c and (cuda or "bf16" not in c)]
+    for name in names:
+        if name not in CONFIGS:
+            sys.exit(f"bench.py: error: unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("json", "worker", "configs")]
+        argv += ["--worker", name]
+        r = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+        if r.returncode:
+            print(f"{name}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            continue
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        row["mfu"] = row["gflop_per_img"] * 1e9 * row["img_per_s"] / peaks["bf16" if "bf16" in name else "fp32"]
+        rows.append(row)
+        print(f"{name:26s} {row['sec_per_step']:7.2f} s/step {row['img_per_s']:7.2f} img/s "
+              f"{row['gflop_per_img']:6.1f} GFLOP/img {row['mfu'] * 100:5.1f}% MFU {row['peak_mib']:8.0f} MiB peak", flush=True)
+    base = {r["config"]: r for r in rows}
+    print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; matmul peak "
+          f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16")
+    print(f"{args.arch} {args.image_size}px batch {args.batch_size} (x2 views) projector {args.projector} pooling {args.pooling}")
+    for a, b in (("ours fp32", "released fp32"), ("ours fp32 ckpt-head", "released fp32"), ("ours bf16", "ours fp32"),
+                 ("ours bf16", "released bf16"), ("released fp32", "e2e fp32")):
+        if a in base and b in base:
+            act = [base[c]["peak_mib"] - (base[c]["model_mib"] or 0) for c in (a, b)]
+            print(f"{a} / {b}: speed x{base[a]['img_per_s'] / base[b]['img_per_s']:.2f}, peak memory "
+                  f"x{base[a]['peak_mib'] / base[b]['peak_mib']:.2f}" +
+                  (f" (above the model's own: x{act[0] / act[1]:.2f})" if base[a]["model_mib"] else "") +
+                  f", FLOPs x{base[a]['gflop_per_img'] / base[b]['gflop_per_img']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    args = get_args()
+    if args.worker:
+        print(json.dumps(worker(args, args.worker)))
+    else:
+        main(args)
