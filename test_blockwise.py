@@ -447,9 +447,12 @@ def trained(tmp_path_factory):
     return data, str(root / "run" / "checkpoint.pth")
 
 
+def probe_argv(ckpt, data, *extra):
+    return [ckpt, "--data", data, "--image-size", "32", "--workers", "0", "--batch-size", "8", "--epochs", "2", *extra]
+
+
 def probe_args(ckpt, data, *extra):
-    return probe.get_args([ckpt, "--data", data, "--image-size", "32", "--workers", "0", "--batch-size", "8",
-                           "--epochs", "2", *extra])
+    return probe.get_args(probe_argv(ckpt, data, *extra))
 
 
 def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, tmp_path):
@@ -492,14 +495,14 @@ def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
     data, ckpt = trained
     for extra in (["--arch", "resnet50"], ["--pooling", "gsp"], ["--blocks", "12,3,4"]):
         with pytest.raises(SystemExit) as e:
-            probe.run(probe_args(ckpt, data, *extra))
+            probe.run(probe_argv(ckpt, data, *extra))
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "not the" in err
     bad = torch.load(ckpt, weights_only=True)
     bad["config"]["pooling"] = "gsp"  # weights of CbE heads under a GSP config
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(SystemExit):
-        probe.run(probe_args(str(tmp_path / "bad.pth"), data))
+        probe.run(probe_argv(str(tmp_path / "bad.pth"), data))
     assert "does not match" in capsys.readouterr().err
 
 
