@@ -64,9 +64,19 @@ class Seeded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        img, label = self.dataset[i]
+        try:
+            img, label = self.dataset[i]
+        except OSError as e:  # a corrupt or unreadable file stops the run, naming it (README)
+            raise ValueError(f"unreadable image #{i} {image_path(self.dataset, i)}: {e}") from None
         torch.manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)  # transforms draw from torch's RNG
         return self.transform(img), label
+
+
+def image_path(ds, i):
+    """The file behind sample i of an ImageFolder, possibly inside a Subset ('' if there is none)."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return image_path(ds.dataset, ds.indices[i])
+    return ds.samples[i][0] if hasattr(ds, "samples") else ""
 
 
 def fashion_mnist_root(root):
@@ -92,10 +102,14 @@ def dataset(name, root, train=True, limit=0):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--data {root}: no {'train' if train else 'val'}/ folder (ImageNet layout)")
         ds = torchvision.datasets.ImageFolder(path)  # raises FileNotFoundError when it holds no images
-    elif name == "cifar10":
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-    elif name == "fashion-mnist":
-        ds = torchvision.datasets.FashionMNIST(fashion_mnist_root(root), train=train, download=True)
+    elif name in ("cifar10", "fashion-mnist"):
+        try:
+            if name == "cifar10":
+                ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
+            else:
+                ds = torchvision.datasets.FashionMNIST(fashion_mnist_root(root), train=train, download=True)
+        except (OSError, RuntimeError) as e:  # no internet, or a half-written download
+            raise FileNotFoundError(f"--dataset {name}: not in {root} and the download failed ({e})") from None
     else:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     ds.num_classes = len(ds.classes)

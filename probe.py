@@ -9,11 +9,9 @@ The network stays frozen in eval mode. Block k's feature is the output of its po
 authors' evaluation) or, with --features trunk, the global average pool of the block's output.
 One linear classifier per block is trained on top, all in the same pass. Results go to OUT/probe.json.
 """
-import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -23,11 +21,11 @@ import torch.nn.functional as F
 import losses
 from blockwise import ARCHS, POOLINGS, BlockResNet
 from data import DATASETS, Seeded, TwoViews, dataset, probe_transforms
-from train import Abort, setup_distributed
+from train import Abort, Parser, run, setup_distributed
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     a = p.add_argument
     a("checkpoint", help="checkpoint.pth written by train.py")
     a("--data", default="./data", help="dataset root, as train.py")
@@ -275,17 +273,5 @@ def main(args):
     return results
 
 
-def run(argv=None):
-    args = get_args(argv)
-    try:
-        main(args)
-    except (Abort, ValueError, FileNotFoundError) as e:
-        print(f"probe.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    run()
+    run(main, get_args(), "probe.py")

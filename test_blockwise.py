@@ -417,23 +417,103 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         assert torch.allclose(p, got[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_resume_after_a_kill_is_exact_and_trunk_loads_into_torchvision(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=16)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-epoch run (4 steps an epoch) that interrupted runs must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("resume")
+    data = image_folder(root / "data", per_class=16)
     cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8"]
-    subprocess.run(cmd + ["--out", str(tmp_path / "a")], cwd=HERE, check=True, capture_output=True)
-    p = subprocess.Popen(cmd + ["--out", str(tmp_path / "b")], cwd=HERE, stdout=subprocess.DEVNULL)
-    while not (tmp_path / "b" / "checkpoint.pth").exists() and p.poll() is None:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert weights(tmp_path / "b")["epoch"] == 1  # killed after the first epoch's checkpoint
-    subprocess.run(cmd + ["--out", str(tmp_path / "b")], cwd=HERE, check=True, capture_output=True)
-    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    subprocess.run(cmd + ["--out", str(root / "ref")], cwd=HERE, check=True, capture_output=True)
+    return cmd, weights(root / "ref")
+
+
+def assert_same_run(a, b):
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["optimizer"]["state"][i]["mu"], b["optimizer"]["state"][i]["mu"]) for i in a["optimizer"]["state"])
+
+
+@pytest.mark.parametrize("moment", ["mid-epoch", "during-checkpoint-write", "after-first-epoch"])
+def test_killed_run_resumes_exactly(reference, tmp_path, moment):
+    cmd, ref = reference
+    out = tmp_path / "out"
+    files = {"mid-epoch": out / "log.jsonl", "during-checkpoint-write": out / "checkpoint.pth.tmp",
+             "after-first-epoch": out / "checkpoint.pth"}
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
+    while not files[moment].exists() and p.poll() is None:
+        pass  # busy-wait: a checkpoint write lasts only milliseconds
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    if moment == "after-first-epoch":
+        assert weights(out)["epoch"] == 1
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert_same_run(ref, weights(out))
     missing, unexpected = torchvision.models.resnet18().load_state_dict(
-        torch.load(tmp_path / "b" / "trunk.pth", weights_only=True), strict=False)
+        torch.load(out / "trunk.pth", weights_only=True), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(reference, tmp_path):
+    cmd, ref = reference
+    out = tmp_path / "out"
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate()
+    assert p.returncode == 0 and "SIGTERM: saved" in stdout
+    assert weights(out)["step"] > 0  # saved in the middle of an epoch
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert_same_run(ref, weights(out))
+
+
+def expect_one_line_error(capsys, argv, fragment, entry=train):
+    with pytest.raises(SystemExit) as e:
+        entry.run(entry.main, entry.get_args(argv), "x") if isinstance(argv, list) else argv()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
+    return err
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    base = [*SMALL, "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "out")]
+    os.makedirs(tmp_path / "empty" / "train")
+    (tmp_path / "file").write_text("")
+    bad = image_folder(tmp_path / "bad")
+    (tmp_path / "bad" / "train" / "class0" / "3.png").write_bytes(b"not a png")
+    cases = [(["--data", str(tmp_path / "nope")], "no train/ folder"),
+             (["--data", str(tmp_path / "empty")], "class folder"),
+             (["--data", data, "--pooling", "xyz"], "invalid choice"),
+             (["--data", data, "--loss", "byol"], "invalid choice"),
+             (["--data", data, "--blocks", "13"], "consecutive stages"),
+             (["--data", data, "--frozen", "1,2,3,4"], "not all"),
+             (["--data", data, "--lambd", "0.1,0.2"], "one per block"),
+             (["--data", data, "--batch-size", "64"], "larger than"),
+             (["--data", data, "--out", str(tmp_path / "file" / "out")], "not writable"),
+             (["--data", str(bad), "--workers", "1"], "3.png"),
+             (["--dataset", "cifar10", "--data", str(tmp_path / "cifar")], "download failed")]
+    for extra, fragment in cases:
+        expect_one_line_error(capsys, base + extra, fragment)
+    run_train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "8")
+    expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "run"), "--pooling", "gsp"],
+                          "holds a different model")
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    data = image_folder(tmp_path / "data")
+    r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "7")
+    assert r.returncode != 0 and r.stderr.count("train.py: error: --batch-size 7 is not divisible by the 2 processes") == 1
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")
+    good = weights(tmp_path / "out")
+    err = expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out"), "--epochs", "4",
+                                         "--batch-size", "8", "--lr", "1e30"], "loss of block")
+    assert "step" in err and "last good state" in err
+    kept = weights(tmp_path / "out")
+    assert kept["epoch"] == 1 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
 
 # ---------------------------------------------------------------- evaluation (probe.py)
@@ -494,16 +574,12 @@ def test_corruption_tree_walker(tmp_path):
 def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
     data, ckpt = trained
     for extra in (["--arch", "resnet50"], ["--pooling", "gsp"], ["--blocks", "12,3,4"]):
-        with pytest.raises(SystemExit) as e:
-            probe.run(probe_argv(ckpt, data, *extra))
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and "not the" in err
+        expect_one_line_error(capsys, probe_argv(ckpt, data, *extra), "not the", entry=probe)
     bad = torch.load(ckpt, weights_only=True)
     bad["config"]["pooling"] = "gsp"  # weights of CbE heads under a GSP config
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(SystemExit):
-        probe.run(probe_argv(str(tmp_path / "bad.pth"), data))
-    assert "does not match" in capsys.readouterr().err
+    expect_one_line_error(capsys, probe_argv(str(tmp_path / "bad.pth"), data), "does not match", entry=probe)
+    expect_one_line_error(capsys, probe_argv(str(tmp_path / "run" / "nothing.pth"), data), "cannot read", entry=probe)
 
 
 if __name__ == "__main__" and sys.argv[1] == "dist-worker":

@@ -23,8 +23,18 @@ from blockwise import ARCHS, POOLINGS, BlockResNet, parse_blocks
 from data import DATASETS, Seeded, TwoViews, dataset
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage of ~35 flags would bury the message)."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     a = p.add_argument
     a("--data", default="./data", help="dataset root (for folder: root/train, root/val)")
     a("--dataset", default="folder", choices=DATASETS, help="folder = ImageNet layout")
@@ -216,7 +226,10 @@ def setup_distributed():
 
 def model_config(args, num_classes):
     """The arguments of BlockResNet, stored in every checkpoint so probe.py and resume rebuild it exactly."""
-    widths = [int(w) for w in args.projector.split("-")]
+    try:
+        widths = [int(w) for w in args.projector.split("-")]
+    except ValueError:
+        raise Abort(f"--projector {args.projector}: expected widths like 8192-8192-8192") from None
     if args.loss == "supervised":  # §3.4: the projector's last layer outputs the classes
         widths[-1] = num_classes
     return dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
@@ -302,7 +315,10 @@ def main(args):
 
     start_epoch, start_step = 0, 0
     if os.path.exists(ckpt_path):  # auto-resume
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # written atomically, so this is not our own interrupted write
+            raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
         check_config(ckpt["config"], config, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -381,13 +397,20 @@ def main(args):
         print(f"done: {ckpt_path}, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth", flush=True)
 
 
-def run(argv=None):
-    """Entry point: bad input and failed runs end with one line on stderr and exit code 2."""
-    args = get_args(argv)
+def one_line(e):
+    """The message of an error, without the worker traceback that DataLoader wraps around it."""
+    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return line.split(": ", 1)[1] if line.split(":")[0].endswith("Error") else line
+
+
+def run(main, argv, prog):
+    """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr
+    (from rank 0 only) and exit code 2."""
     try:
-        main(args)
-    except (Abort, ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        main(argv)
+    except (Abort, ValueError, OSError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():
@@ -395,4 +418,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    run()
+    run(main, get_args(), "train.py")
