@@ -6,7 +6,10 @@
 Schedules: e2e = one Barlow Twins head on top of the whole ResNet (the baseline); released = the
 authors' order (every block forward for both views, then the backward passes); ours = train.py's
 step (block k back-propagated before block k+1 runs). Each configuration runs in a fresh process so
-that its peak memory is its own: on GPU torch.cuda.max_memory_allocated, on CPU the peak RSS.
+that its peak memory is its own: on GPU torch.cuda.max_memory_allocated; on CPU the peak RSS of a
+second fresh process run with MALLOC_MMAP_THRESHOLD_=65536, so that glibc hands freed tensors back to
+the OS and the RSS follows the live memory (with the default allocator, freed activations stay
+resident and the peak overstates the step; the setting slows the step, so it is not used for timing).
 FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted).
 """
 import argparse
@@ -52,6 +55,7 @@ def get_args(argv=None):
       "where bf16 has no fast kernels unless the CPU has AVX512-BF16/AMX; all but compile on GPU)")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
+    a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -98,6 +102,9 @@ def worker(args, name):
     model, step, device = setup(args, schedule, opt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.worker_memory:  # CPU: one step, then the peak RSS
+        step()
+        return dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, model_mib=rss0)
     step()  # warm-up (and compilation)
     sync()
     if device.type == "cuda":
@@ -137,6 +144,22 @@ def matmul_peak(dtype, seconds=1.0):
     return best
 
 
+def measure(args, name):
+    """Time one configuration in a fresh process; on CPU measure its memory in another."""
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("json", "worker", "configs", "worker_memory")] + ["--worker", name]
+    runs = [([], {})] + ([] if torch.cuda.is_available() else [(["--worker-memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"})])
+    row = {}
+    for extra, env in runs:
+        r = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True,
+                           env={**os.environ, **env})
+        if r.returncode:
+            print(f"{name}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            return None
+        row.update(json.loads(r.stdout.strip().splitlines()[-1]))
+    return row
+
+
 def main(args):
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows, cuda = [], torch.cuda.is_available()
@@ -144,13 +167,9 @@ def main(args):
     for name in names:
         if name not in CONFIGS:
             sys.exit(f"bench.py: error: unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-        argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("json", "worker", "configs")]
-        argv += ["--worker", name]
-        r = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
-        if r.returncode:
-            print(f"{name}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        row = measure(args, name)
+        if row is None:
             continue
-        row = json.loads(r.stdout.strip().splitlines()[-1])
         row["mfu"] = row["gflop_per_img"] * 1e9 * row["img_per_s"] / peaks["bf16" if "bf16" in name else "fp32"]
         rows.append(row)
         print(f"{name:26s} {row['sec_per_step']:7.2f} s/step {row['img_per_s']:7.2f} img/s "
