@@ -45,7 +45,7 @@ def get_args(argv=None):
     a("--arch", choices=ARCHS, help="expected architecture (checked against the checkpoint)")
     a("--blocks", help="expected block split (checked against the checkpoint)")
     a("--pooling", choices=POOLINGS, help="expected pooling head (checked against the checkpoint)")
-    a("--workers", type=int, default=8)
+    a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0)
     a("--out", default="", help="directory for probe.json (default: the checkpoint's)")
     return p.parse_args(argv)

@@ -68,7 +68,7 @@ def get_args(argv=None):
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--checkpoint-heads", action="store_true", help="recompute the CbE heads in the backward (less memory)")
-    a("--workers", type=int, default=8, help="data loading processes per training process")
+    a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
     a("--print-freq", type=int, default=50, help="steps between progress lines")
