@@ -34,7 +34,7 @@ def parse_blocks(spec):
 
 
 def lsp_grid(bins):
-    """Spatial bins of LSP laid out as a near-square grid: 8 -> 2x4, 4 -> 2x2, 2 -> 1x2, 1 -> 1x1."""
+    """§3.3, Fig. 3(b): the spatial bins of LSP, laid out as a near-square grid: 8 -> 2x4, 4 -> 2x2, 2 -> 1x2, 1 -> 1x1."""
     rows = 2 ** (int(math.log2(bins)) // 2)
     return rows, bins // rows
 
@@ -126,7 +126,7 @@ class BlockResNet(nn.Module):
         return getattr(self, f"layer{s}")
 
     def block_modules(self, k):
-        """Every module that block k trains: its stages, its head, its projector."""
+        """Fig. 2: every module that block k trains: its stages, its head (§3.3), its projector (§3.4)."""
         mods = [self.stage(s) for s in self.blocks[k]] + [self.heads[k]]
         return mods + ([self.projectors[k]] if self.projectors is not None else [])
 
@@ -136,7 +136,7 @@ class BlockResNet(nn.Module):
         return outs[self.blocks[k][0] - 1].detach()
 
     def forward_block(self, k, x, outs):
-        """Run the stages of block k on its input x, recording each stage's output in `outs` (a dict
+        """Algorithm 1, one block: run the stages of block k on its input x, recording each stage's output in `outs` (a dict
         stage -> tensor: LoCo's next unit starts from a middle stage). Returns the block's output."""
         for s in self.blocks[k]:
             x = self.stage(s)(x)
@@ -145,7 +145,7 @@ class BlockResNet(nn.Module):
         return x
 
     def pool(self, k, x):
-        """Block k's head. With checkpoint_heads, its activations (CbE's 2048-channel map at the block's
+        """Block k's pooling head (§3.3). With checkpoint_heads, its activations (CbE's 2048-channel map at the block's
         resolution, the largest of the whole model at block 1) are recomputed in the backward, not stored."""
         if self.checkpoint_heads and torch.is_grad_enabled():
             return checkpoint(self.heads[k], x, use_reentrant=False)
@@ -157,5 +157,5 @@ class BlockResNet(nn.Module):
         return [self.pool(k, self.forward_block(k, self.block_input(k, outs), outs)) for k in range(len(self.blocks))]
 
     def trunk_state_dict(self):
-        """The ResNet weights alone, under torchvision's names."""
+        """The ResNet weights alone, under torchvision's names: the network that the paper probes (§3.1)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("heads.", "projectors."))}

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 LOSSES = ("barlowtwins", "vicreg", "simclr", "supervised")
 
 
-def _distributed():
+def _distributed():  # §3.4: the paper trains on many GPUs; the loss must be that of the global batch
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _AllReduce(torch.autograd.Function):
-    """Sum over ranks. Every rank uses the sum, so the gradient of x is the sum of all ranks' gradients."""
+    """Sum over ranks (the "sum the cross-correlation matrix between all gpus" of Eq. (1)). Every rank uses the sum, so the gradient of x is the sum of all ranks' gradients."""
 
     @staticmethod
     def forward(ctx, x):
@@ -36,7 +36,7 @@ class _AllReduce(torch.autograd.Function):
 
 
 class _AllGather(torch.autograd.Function):
-    """Concatenate every rank's x along dim 0; the backward returns this rank's slice of the summed gradient."""
+    """The global batch of VICReg, SimCLR and the supervised loss (§4, Fig. 5; §5). Concatenate every rank's x along dim 0; the backward returns this rank's slice of the summed gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -52,20 +52,20 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
-def all_reduce(x):
+def all_reduce(x):  # Eq. (1) over all ranks
     return _AllReduce.apply(x) if _distributed() else x
 
 
-def all_gather(x):
+def all_gather(x):  # the global batch (Fig. 5 losses)
     return _AllGather.apply(x) if _distributed() else x
 
 
-def world_size():
+def world_size():  # §3.4: batch 2048 spread over the processes
     return dist.get_world_size() if _distributed() else 1
 
 
 def fp32(loss):
-    """Compute the loss in float32 with autocast off: the cross-correlation and the exponentials of
+    """§3.2-§3.4: compute the loss in float32 with autocast off: the cross-correlation and the exponentials of
     NT-Xent overflow or lose precision in half precision (SPEC §4)."""
     def up(t):  # half types to float32; float64 and integer labels stay as they are
         return t.float() if t.is_floating_point() and t.element_size() < 4 else t
@@ -77,8 +77,8 @@ def fp32(loss):
     return wrapper
 
 
-def _standardize(z, eps=1e-5):
-    """Standardise each dimension over the global batch (BatchNorm1d(affine=False): centred, biased
+def standardize(z, eps=1e-5):
+    """Eq. (1)'s normalisation: standardise each dimension over the global batch (BatchNorm1d(affine=False): centred, biased
     variance). Eq. (1) of the paper omits the centring; the Barlow Twins code has it."""
     n = z.shape[0] * world_size()
     mean = all_reduce(z.sum(0)) / n
@@ -92,7 +92,7 @@ def barlow_twins(z1, z2, lambd=0.0051, scale=0.024, target=1.0):
     loss = scale * (sum_i (target - C_ii)^2 + lambd * sum_{i != j} C_ij^2).
     `target` is the invariance target of Appendix A (1.0 in the paper's main runs)."""
     n = z1.shape[0] * world_size()
-    c = all_reduce(_standardize(z1).T @ _standardize(z2)) / n  # Eq. (1), summed over ranks
+    c = all_reduce(standardize(z1).T @ standardize(z2)) / n  # Eq. (1), summed over ranks
     on_diag = (target - torch.diagonal(c)).pow(2).sum()  # invariance term
     off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()  # redundancy reduction term
     return scale * (on_diag + lambd * off_diag)  # Eq. (2)

@@ -103,7 +103,7 @@ class Probes(nn.Module):
         return [fc(f) for fc, f in zip(self.fcs, feats)]
 
 
-def sgd_epochs(probes, batches, args, steps_per_epoch):
+def sgd_epochs(probes, batches, args):
     """SGD with momentum 0.9, cosine decay per epoch; gradients averaged over ranks."""
     opt = torch.optim.SGD(probes.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
     for epoch in range(args.epochs):
@@ -178,7 +178,7 @@ def diagnostics(model, ds, args, device, batches=4):
         if i == batches:
             break
         f1, f2 = (block_features(model, y.to(device), "trunk", range(len(model.blocks))) for y in (y1, y2))
-        cs = [losses._standardize(a.float()).T @ losses._standardize(b.float()) / len(a) for a, b in zip(f1, f2)]
+        cs = [losses.standardize(a.float()).T @ losses.standardize(b.float()) / len(a) for a, b in zip(f1, f2)]
         per_block = cs if per_block is None else [p + c for p, c in zip(per_block, cs)]
     out = []
     for c in per_block:
@@ -246,13 +246,13 @@ def main(args):
             order = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(epoch)).to(device)
             for i in range(0, len(order), local_bs):
                 yield [f[order[i:i + local_bs]] for f in tr_n], tr_y[order[i:i + local_bs]]
-        sgd_epochs(probes, cached, args, 0)
+        sgd_epochs(probes, cached, args)
         acc = accuracy(probes, ((([f[i:i + 1024] for f in va_n]), va_y[i:i + 1024]) for i in range(0, len(va_y), 1024)))
         for k, a, f, v in zip(probed, acc, tr_f, va_f):
             results["blocks"].append(dict(block=k + 1, **a, knn=knn(f, tr_y.cpu(), v, va_y.cpu(), args.knn, classes)))
         preprocess = lambda fs: [((f.cpu() - m) / s).to(device) for f, m, s in zip(fs, mean, std)]  # noqa: E731
     else:
-        sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args, 0)
+        sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args)
         results["blocks"] = [dict(block=k + 1, **a) for k, a in zip(probed, accuracy(probes, batches(val_ds, val_t, False)))]
         preprocess = lambda fs: fs  # noqa: E731
     if args.corruptions:  # App. C: error = 100 - top-1 of the trained probes on each corrupted copy

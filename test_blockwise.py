@@ -548,7 +548,7 @@ def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, 
     ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
     batches = lambda epoch: ((probe.block_features(model, x, "head", [0, 3]), y)  # noqa: E731
                              for x, y in torch.utils.data.DataLoader(ds, 8))
-    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data), 0)
+    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
 
 
@@ -558,7 +558,7 @@ def test_probe_learns_linearly_separable_features():
     f = torch.randn(600, 16, generator=g) + 4 * F.one_hot(y, 16).float()
     probes = probe.Probes([16], 3)
     args = probe.get_args(["x", "--epochs", "20", "--lr", "0.1"])
-    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args, 0)
+    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args)
     assert probe.accuracy(probes, [([f], y)])[0]["top1"] > 95
     assert probe.knn(f[:500], y[:500], f[500:], y[500:], 10, 3) > 95
 

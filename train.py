@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import losses
-from blockwise import ARCHS, POOLINGS, BlockResNet, parse_blocks
+from blockwise import ARCHS, POOLINGS, BlockResNet
 from data import DATASETS, Seeded, TwoViews, dataset
 
 
