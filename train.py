@@ -334,6 +334,7 @@ def main(args):
     if steps == 0:
         raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
     epochs = args.epochs * len(phases)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
     if rank == 0:
         print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
@@ -351,7 +352,6 @@ def main(args):
                                              pin_memory=device.type == "cuda", drop_last=True)
         t0, seen = time.time(), 0
         for i, ((y1, y2), labels) in enumerate(loader, start=first):
-            fmt = torch.channels_last if args.channels_last else torch.contiguous_format
             y1, y2 = (y.to(device, non_blocking=True, memory_format=fmt) for y in (y1, y2))
             labels = labels.to(device, non_blocking=True)
             in_phase = (epoch % args.epochs) * steps + i
