@@ -6,11 +6,14 @@
 Schedules: e2e = one Barlow Twins head on top of the whole ResNet (the baseline); released = the
 authors' order (every block forward for both views, then the backward passes); ours = train.py's
 step (block k back-propagated before block k+1 runs). Each configuration runs in a fresh process so
-that its peak memory is its own: on GPU torch.cuda.max_memory_allocated; on CPU the peak RSS of a
-second fresh process run with MALLOC_MMAP_THRESHOLD_=65536, so that glibc hands freed tensors back to
-the OS and the RSS follows the live memory (with the default allocator, freed activations stay
-resident and the peak overstates the step; the setting slows the step, so it is not used for timing).
-FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted).
+that its peak memory is its own: on GPU torch.cuda.max_memory_allocated; on CPU the peak RSS over two
+steps (the first creates LARS's momentum) of a second fresh process run with MALLOC_MMAP_THRESHOLD_=65536,
+so that glibc hands freed tensors back to the OS and the RSS follows the live memory (with the default
+allocator, freed activations stay resident and the peak overstates the step; the setting slows the
+step, so it is not used for timing). "above torch" subtracts the RSS of the process after importing
+torch and torchvision, before any tensor: like max_memory_allocated on a GPU, it counts tensors only.
+FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted): the
+model's FLOPs, on which MFU is computed, and in brackets those run, with checkpointing's recomputation.
 """
 import argparse
 import json
@@ -27,17 +30,18 @@ import losses
 import train
 from blockwise import BlockResNet
 
-# name: (schedule, options); options: bf16, channels_last, checkpoint_heads, compile
+# name: (schedule, options); options: bf16, channels_last, checkpoint (heads/all), compile
 CONFIGS = {
     "e2e fp32": ("e2e", {}),
     "released fp32": ("released", {}),
     "ours fp32": ("ours", {}),
-    "ours fp32 ckpt-head": ("ours", {"checkpoint_heads": True}),
+    "ours fp32 ckpt-head": ("ours", {"checkpoint": "heads"}),
+    "ours fp32 ckpt-all": ("ours", {"checkpoint": "all"}),
     "ours fp32 channels-last": ("ours", {"channels_last": True}),
     "released bf16": ("released", {"bf16": True}),
     "ours bf16": ("ours", {"bf16": True}),
     "ours bf16 channels-last": ("ours", {"bf16": True, "channels_last": True}),
-    "ours bf16 ckpt-head": ("ours", {"bf16": True, "checkpoint_heads": True}),
+    "ours bf16 ckpt-head": ("ours", {"bf16": True, "checkpoint": "heads"}),
     "ours fp32 compile": ("ours", {"compile": True}),
 }
 
@@ -66,7 +70,7 @@ def setup(args, schedule, opt):
     widths = [int(w) for w in args.projector.split("-")]
     model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
                         noise=0.0 if schedule == "e2e" else 0.25, projector_widths=widths,
-                        checkpoint_heads=opt.get("checkpoint_heads", False)).to(device).train()
+                        checkpoint=opt.get("checkpoint", "none")).to(device).train()
     fmt = torch.channels_last if opt.get("channels_last") else torch.contiguous_format
     model.to(memory_format=fmt)
     y1, y2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
@@ -99,12 +103,13 @@ def setup(args, schedule, opt):
 
 def worker(args, name):
     schedule, opt = CONFIGS[name]
+    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch + torchvision, no model yet
     model, step, device = setup(args, schedule, opt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.worker_memory:  # CPU: one step, then the peak RSS
+    if args.worker_memory:  # CPU: two steps (the first creates LARS's momentum), then the peak RSS
         step()
-        return dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, model_mib=rss0)
+        step()
+        return dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, runtime_mib=runtime)
     step()  # warm-up (and compilation)
     sync()
     if device.type == "cuda":
@@ -114,13 +119,18 @@ def worker(args, name):
         step()
     sync()
     sec = (time.perf_counter() - t0) / args.steps
-    with FlopCounterMode(display=False) as fc:
-        step()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec,
-                gflop_per_img=fc.get_total_flops() / args.batch_size / 1e9, peak_mib=peak,
-                model_mib=rss0 if device.type == "cpu" else None, device=device.type)
+    flops = []
+    for recompute in (True, False):  # as executed; as the model defines them (what MFU counts)
+        model.checkpoint = model.checkpoint if recompute else "none"
+        for head in model.heads:
+            head.checkpoint = head.checkpoint and recompute
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops.append(fc.get_total_flops() / args.batch_size / 1e9)
+    return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec, gflop_per_img=flops[1],
+                executed_gflop_per_img=flops[0], peak_mib=peak, runtime_mib=0, device=device.type)
 
 
 def matmul_peak(dtype, seconds=1.0):
@@ -173,19 +183,21 @@ def main(args):
         row["mfu"] = row["gflop_per_img"] * 1e9 * row["img_per_s"] / peaks["bf16" if "bf16" in name else "fp32"]
         rows.append(row)
         print(f"{name:26s} {row['sec_per_step']:7.2f} s/step {row['img_per_s']:7.2f} img/s "
-              f"{row['gflop_per_img']:6.1f} GFLOP/img {row['mfu'] * 100:5.1f}% MFU {row['peak_mib']:8.0f} MiB peak", flush=True)
+              f"{row['gflop_per_img']:6.1f} GFLOP/img ({row['executed_gflop_per_img']:6.1f} run) {row['mfu'] * 100:5.1f}% MFU "
+              f"{row['peak_mib']:8.0f} MiB peak {row['peak_mib'] - row['runtime_mib']:8.0f} MiB above torch", flush=True)
     base = {r["config"]: r for r in rows}
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; matmul peak "
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16")
     print(f"{args.arch} {args.image_size}px batch {args.batch_size} (x2 views) projector {args.projector} pooling {args.pooling}")
-    for a, b in (("ours fp32", "released fp32"), ("ours fp32 ckpt-head", "released fp32"), ("ours bf16", "ours fp32"),
+    for a, b in (("ours fp32", "released fp32"), ("ours fp32 ckpt-head", "released fp32"),
+                 ("ours fp32 ckpt-all", "released fp32"), ("ours bf16", "ours fp32"),
                  ("ours bf16", "released bf16"), ("released fp32", "e2e fp32")):
         if a in base and b in base:
-            act = [base[c]["peak_mib"] - (base[c]["model_mib"] or 0) for c in (a, b)]
+            above = [base[c]["peak_mib"] - base[c]["runtime_mib"] for c in (a, b)]
             print(f"{a} / {b}: speed x{base[a]['img_per_s'] / base[b]['img_per_s']:.2f}, peak memory "
                   f"x{base[a]['peak_mib'] / base[b]['peak_mib']:.2f}" +
-                  (f" (above the model's own: x{act[0] / act[1]:.2f})" if base[a]["model_mib"] else "") +
+                  (f" (above the torch runtime: x{above[0] / above[1]:.2f})" if base[a]["runtime_mib"] else "") +
                   f", FLOPs x{base[a]['gflop_per_img'] / base[b]['gflop_per_img']:.2f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -2,6 +2,7 @@
 
 Run under torchrun, this file is also the worker of the distributed tests (see `dist_worker`).
 """
+import copy
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from PIL import Image
 import losses
 import probe
 import train
-from blockwise import POOLINGS, BlockResNet, add_noise, parse_blocks
+from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,6 +95,64 @@ def test_cbe_kernel_and_groups():
     conv = head.expand[0]
     assert conv.kernel_size == (3, 3) and conv.groups == 4 and conv.padding == (1, 1) and conv.bias is None
     assert head(torch.randn(2, 64, 8, 8)).shape == (2, 128)
+
+
+def run_head(head, x, g):
+    """Output, input gradient, parameter gradients and BN buffers of one training step of a head."""
+    x = x.clone().requires_grad_()
+    out = head(x)
+    (out * g).sum().backward()
+    return [out, x.grad, *(p.grad for p in head.parameters()), *head.buffers()]
+
+
+@pytest.mark.parametrize("kind,kernel_size,groups,momentum", [("cbe", 1, 1, 0.1), ("cbe-l2", 1, 1, 0.1),
+                         ("cbe-sqrt", 1, 1, 0.1), ("cbe", 3, 2, None)])
+def test_checkpointed_cbe_equals_the_stored_one(kind, kernel_size, groups, momentum):
+    """LeanCbE (nothing of the head's width stored, the batch done in slices) = Conv -> BN -> ReLU -> pool,
+    in float64: output, every gradient, BN running statistics, over two steps."""
+    torch.manual_seed(0)
+    head = Pool(8, kind, 16, kernel_size, groups).double().train()
+    head.expand[1].momentum = momentum
+    with torch.no_grad():
+        head.expand[1].weight.normal_()
+        head.expand[1].bias.normal_()
+    lean = copy.deepcopy(head)
+    lean.checkpoint = True
+    for _ in range(2):
+        x, g = torch.randn(11, 8, 5, 6, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
+        for a, b in zip(run_head(head, x, g), run_head(lean, x, g)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert lean.expand[1].num_batches_tracked == 2
+    assert torch.allclose(lean.eval()(x), head.eval()(x), rtol=1e-9, atol=1e-12)
+
+
+def test_checkpointed_cbe_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = Pool(8, "cbe", 16).train()
+    lean = copy.deepcopy(head)
+    lean.checkpoint = True
+    x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, got = run_head(head, x, g), run_head(lean, x, g)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype or a.dtype == torch.bfloat16  # the lean head returns fp32 features
+        assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05 * a.float().abs().max().item())
+
+
+def test_checkpointed_trunk_gives_the_same_step():
+    """checkpoint="all" (every residual unit and every CbE head recomputed in the backward): the same
+    losses, gradients and BN running statistics as storing everything, noise included."""
+    args = train.get_args(SMALL)
+    args.lambds, args.targets = [0.0051] * 4, [1.0] * 4
+    y1, y2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    results = []
+    for checkpoint in ("none", "all"):
+        model = small_model(noise=0.25, checkpoint=checkpoint).train()
+        torch.manual_seed(1)
+        loss = train.train_step(model, y1, y2, None, args, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+        results.append([loss, *(p.grad for p in model.parameters()), *model.buffers()])
+    for a, b in zip(*results):  # fp32: the lean heads sum in another order
+        assert (a.float() - b.float()).abs().max() <= 1e-5 * a.float().abs().max()
 
 
 def test_lsp_is_the_average_of_each_spatial_bin():
@@ -227,6 +286,11 @@ def toy_problem():
     return x1, x2, w, torch.randint(0, 5, (8,), generator=g)
 
 
+def synced_cbe_problem():
+    torch.manual_seed(0)
+    return Pool(6, "cbe", 10).double().train(), torch.randn(8, 6, 4, 5, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
+
+
 def dist_worker(out_dir):
     """Each of N ranks holds 8/N samples of the toy problem; it records its loss and its gradient
     after averaging over ranks, as DDP does."""
@@ -241,6 +305,13 @@ def dist_worker(out_dir):
         loss.backward()
         torch.distributed.all_reduce(w.grad)
         result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
+    head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced_cbe_problem()[0])  # CPU: only LeanCbE can run it
+    head.checkpoint = True
+    x, g = synced_cbe_problem()[1:]
+    got = run_head(head, x[part], g[part])
+    for t in got[2:5]:  # parameter gradients summed over ranks: the gradient of the full batch's sum
+        torch.distributed.all_reduce(t)
+    result["lean_cbe"] = [t.flatten().tolist() for t in got]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -251,7 +322,7 @@ def torchrun(*args, nproc=2, timeout=600, **kw):
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def test_losses_exact_in_two_processes(tmp_path):
+def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
     r = torchrun("test_blockwise.py", "dist-worker", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     x1, x2, w0, y = toy_problem()
@@ -263,6 +334,13 @@ def test_losses_exact_in_two_processes(tmp_path):
             loss.backward()
             assert math.isclose(got[name]["loss"], loss.item(), rel_tol=1e-10), name
             assert np.allclose(got[name]["grad"], w.grad.flatten().numpy(), rtol=1e-9, atol=1e-12), name
+        # LeanCbE under SyncBatchNorm on 2 x 4 images = the plain CbE head on 8 (rank's share of out / x.grad)
+        head, x, g = synced_cbe_problem()
+        ref = run_head(head, x, g)
+        part = slice(rank * 4, rank * 4 + 4)
+        ref[:2] = [t[part] for t in ref[:2]]
+        for a, b in zip(got["lean_cbe"], ref):
+            assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------- LARS against a hand computation
@@ -359,8 +437,9 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
 
 
 @pytest.mark.parametrize("extra", [["--loss", "vicreg", "--pooling", "lsp", "--head-dim", "512"], ["--loss", "simclr", "--pooling", "gsp"],
-                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3"],
-                                   ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2", "--pooling", "cbe-l2"]])
+                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3", "--checkpoint", "all"],
+                                   ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2", "--pooling", "cbe-l2",
+                                    "--checkpoint", "heads"]])
 def test_every_variant_trains(tmp_path, extra):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)

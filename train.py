@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import losses
-from blockwise import ARCHS, POOLINGS, BlockResNet
+from blockwise import ARCHS, CHECKPOINTS, POOLINGS, BlockResNet
 from data import DATASETS, Seeded, TwoViews, dataset
 
 
@@ -67,7 +67,8 @@ def get_args(argv=None):
     a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on 1-D parameters)")
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
     a("--channels-last", action="store_true", help="channels_last memory format")
-    a("--checkpoint-heads", action="store_true", help="recompute the CbE heads in the backward (less memory)")
+    a("--checkpoint", default="none", choices=CHECKPOINTS, help="recompute in the backward instead of storing: "
+      "heads = the CbE maps, all = those and every residual unit (default: %(default)s)")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
@@ -195,7 +196,7 @@ def train_step(model, y1, y2, labels, args, active, owners):
             h1, h2 = (model.forward_block(k, model.block_input(k, o), o) for o in outs)
             if k not in active:
                 continue  # a frozen block only feeds the next one
-            z1, z2 = (model.projectors[k](model.pool(k, h)) for h in (h1, h2))
+            z1, z2 = (model.projectors[k](model.heads[k](h)) for h in (h1, h2))
         loss = block_loss(args, k, z1, z2, labels)
         loss.backward()  # Algorithm 1: one backward per block
         pending.append(average_grads(owners[k]))
@@ -234,11 +235,11 @@ def model_config(args, num_classes):
         widths[-1] = num_classes
     return dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
                 kernel_size=args.kernel_size, groups=args.groups, noise=args.noise, projector_widths=widths,
-                checkpoint_heads=args.checkpoint_heads)
+                checkpoint=args.checkpoint)
 
 
 def check_config(saved, wanted, what):
-    diff = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if k not in ("noise", "checkpoint_heads") and saved.get(k) != v]
+    diff = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if k not in ("noise", "checkpoint") and saved.get(k) != v]
     if diff:
         raise Abort(f"{what} holds a different model: " + ", ".join(diff))
 
