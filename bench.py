@@ -18,7 +18,6 @@ model's FLOPs, on which MFU is computed, and in brackets those run, with checkpo
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ CONFIGS = {
     "e2e fp32": ("e2e", {}),
     "released fp32": ("released", {}),
     "ours fp32": ("ours", {}),
+    "ours fp32 compile": ("ours", {"compile": True}),
     "ours fp32 ckpt-head": ("ours", {"checkpoint": "heads"}),
     "ours fp32 ckpt-all": ("ours", {"checkpoint": "all"}),
     "ours fp32 channels-last": ("ours", {"channels_last": True}),
@@ -42,8 +42,10 @@ CONFIGS = {
     "ours bf16": ("ours", {"bf16": True}),
     "ours bf16 channels-last": ("ours", {"bf16": True, "channels_last": True}),
     "ours bf16 ckpt-head": ("ours", {"bf16": True, "checkpoint": "heads"}),
-    "ours fp32 compile": ("ours", {"compile": True}),
+    "ours bf16 compile": ("ours", {"bf16": True, "compile": True}),
 }
+
+DEFAULT_CPU = ["e2e fp32", "released fp32", "ours fp32", "ours fp32 compile", "ours fp32 ckpt-head", "ours fp32 ckpt-all"]
 
 
 def get_args(argv=None):
@@ -55,8 +57,9 @@ def get_args(argv=None):
     a("--projector", default="2048-2048-2048")
     a("--pooling", default="cbe")
     a("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    a("--configs", default="", help=f"comma list from: {', '.join(CONFIGS)} (default: the fp32 ones on CPU, "
-      "where bf16 has no fast kernels unless the CPU has AVX512-BF16/AMX; all but compile on GPU)")
+    a("--configs", default="", help=f"'all' or a comma list from: {', '.join(CONFIGS)}. Default on GPU: all; "
+      f"on CPU (about 10 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
+      "AVX512-BF16/AMX, and channels-last did not win here")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
     a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
@@ -80,9 +83,7 @@ def setup(args, schedule, opt):
     optimizer = train.LARS(model.parameters(), lr=0.1)
     n, active = len(model.blocks), list(range(len(model.blocks)))
     if opt.get("compile"):
-        for k in range(n):  # compile the pieces the step calls, not the step's Python control flow
-            model.heads[k] = torch.compile(model.heads[k])
-            model.projectors[k] = torch.compile(model.projectors[k])
+        model.compile_heads()
 
     def released():  # the authors' order: all forwards, then one backward per block (Algorithm 1)
         with torch.autocast(device.type, torch.bfloat16, enabled=targs.bf16):
@@ -101,36 +102,47 @@ def setup(args, schedule, opt):
     return model, step, device
 
 
+def rss_mib(field):
+    """This process's resident memory (Linux): VmRSS now or VmHWM, its peak. Not getrusage's ru_maxrss,
+    which Linux carries over fork + exec: a child would report at least its parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
 def worker(args, name):
     schedule, opt = CONFIGS[name]
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # torch + torchvision, no model yet
+    runtime = rss_mib("VmRSS")  # torch + torchvision imported, no model yet
     model, step, device = setup(args, schedule, opt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if args.worker_memory:  # CPU: two steps (the first creates LARS's momentum), then the peak RSS
         step()
         step()
-        return dict(peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, runtime_mib=runtime)
-    step()  # warm-up (and compilation)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
+        return dict(peak_mib=rss_mib("VmHWM"), runtime_mib=runtime)
+    with FlopCounterMode(display=False) as fc:  # the warm-up step (and compilation) counts the FLOPs run
         step()
     sync()
-    sec = (time.perf_counter() - t0) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    flops = []
-    for recompute in (True, False):  # as executed; as the model defines them (what MFU counts)
-        model.checkpoint = model.checkpoint if recompute else "none"
+    flops = {"run": fc.get_total_flops(), "model": fc.get_total_flops()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    sec = sorted(times)[len(times) // 2]  # the median step: one slow step (another process, a page-in) does not count
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mib("VmHWM")
+    if opt.get("checkpoint"):  # MFU counts the model's FLOPs, not checkpointing's recomputation
+        model.checkpoint = "none"
         for head in model.heads:
-            head.checkpoint = head.checkpoint and recompute
+            head.checkpoint = False
         with FlopCounterMode(display=False) as fc:
             step()
-        flops.append(fc.get_total_flops() / args.batch_size / 1e9)
-    return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec, gflop_per_img=flops[1],
-                executed_gflop_per_img=flops[0], peak_mib=peak, runtime_mib=0, device=device.type)
+        flops["model"] = fc.get_total_flops()
+    return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec,
+                gflop_per_img=flops["model"] / args.batch_size / 1e9,
+                executed_gflop_per_img=flops["run"] / args.batch_size / 1e9,
+                peak_mib=peak, runtime_mib=0, device=device.type)
 
 
 def matmul_peak(dtype, seconds=1.0):
@@ -173,7 +185,10 @@ def measure(args, name):
 def main(args):
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows, cuda = [], torch.cuda.is_available()
-    names = args.configs.split(",") if args.configs else [c for c in CONFIGS if "compile" not in c and (cuda or "bf16" not in c)]
+    if args.configs:
+        names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
+    else:
+        names = list(CONFIGS) if cuda else DEFAULT_CPU
     for name in names:
         if name not in CONFIGS:
             sys.exit(f"bench.py: error: unknown config {name!r}; choose from {', '.join(CONFIGS)}")
@@ -190,7 +205,8 @@ def main(args):
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; matmul peak "
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16")
     print(f"{args.arch} {args.image_size}px batch {args.batch_size} (x2 views) projector {args.projector} pooling {args.pooling}")
-    for a, b in (("ours fp32", "released fp32"), ("ours fp32 ckpt-head", "released fp32"),
+    for a, b in (("ours fp32", "released fp32"), ("ours fp32 compile", "released fp32"), ("ours fp32 compile", "ours fp32"),
+                 ("ours fp32 ckpt-head", "released fp32"),
                  ("ours fp32 ckpt-all", "released fp32"), ("ours bf16", "ours fp32"),
                  ("ours bf16", "released bf16"), ("released fp32", "e2e fp32")):
         if a in base and b in base:

@@ -274,6 +274,12 @@ class BlockResNet(nn.Module):
         outs = {0: x}
         return [self.heads[k](self.forward_block(k, self.block_input(k, outs), outs)) for k in range(len(self.blocks))]
 
+    def compile_heads(self):
+        """torch.compile each pooling head and projector in place (state_dict keys unchanged): it fuses CbE's
+        BN + ReLU + pool and stores less for the backward. A LeanCbE head (its own autograd) stays eager."""
+        for m in [*(h for h in self.heads if not h.checkpoint), *(self.projectors or [])]:
+            m.compile()
+
     def trunk_state_dict(self):
         """The ResNet weights alone, under torchvision's names: the network that the paper probes (§3.1)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("heads.", "projectors."))}

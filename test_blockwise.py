@@ -391,7 +391,7 @@ def image_folder(root, per_class=8, classes=2, size=40, splits=("train", "val"))
 
 
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--projector", "64-64", "--head-dim", "128",
-         "--workers", "0", "--print-freq", "1", "--warmup-epochs", "0", "--lr", "0.05"]
+         "--workers", "0", "--print-freq", "1", "--warmup-epochs", "0", "--lr", "0.05", "--no-compile"]
 
 
 def run_train(data, out, *extra):
@@ -447,6 +447,16 @@ def test_every_variant_trains(tmp_path, extra):
     assert all(math.isfinite(v) for entry in log for v in entry["loss"])
     if "sequential" in extra:
         assert [e["blocks"] for e in log] == [[1], [1], [2], [2]]
+
+
+def test_compiled_heads_train_like_eager_ones(tmp_path):
+    """--compile (the default) changes the speed, not the training: the same losses, the same checkpoint keys."""
+    data = image_folder(tmp_path / "data")
+    for flag in ("--compile", "--no-compile"):
+        run_train(data, tmp_path / flag, "--epochs", "1", "--batch-size", "8", flag)
+    logs = [[json.loads(line)["loss"] for line in open(tmp_path / flag / "log.jsonl")] for flag in ("--compile", "--no-compile")]
+    assert np.allclose(*logs, rtol=1e-3)
+    assert weights(tmp_path / "--compile")["model"].keys() == weights(tmp_path / "--no-compile")["model"].keys()
 
 
 def test_frozen_first_block_from_another_run(tmp_path):

@@ -67,6 +67,8 @@ def get_args(argv=None):
     a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on 1-D parameters)")
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
     a("--channels-last", action="store_true", help="channels_last memory format")
+    a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the heads and "
+      "projectors: faster and leaner (bench.py); a minute of compiling at the start, and on CPU it needs a C++ compiler")
     a("--checkpoint", default="none", choices=CHECKPOINTS, help="recompute in the backward instead of storing: "
       "heads = the CbE maps, all = those and every residual unit (default: %(default)s)")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
@@ -312,6 +314,8 @@ def main(args):
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
     model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if args.compile:
+        model.compile_heads()
     optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
 
     start_epoch, start_step = 0, 0
