@@ -81,7 +81,7 @@ def setup(args, schedule, opt):
     targs = train.get_args(["--bf16"] if opt.get("bf16") else [])
     targs.lambds, targs.targets = [0.0051] * 4, [1.0] * 4
     optimizer = train.LARS(model.parameters(), lr=0.1)
-    n, active = len(model.blocks), list(range(len(model.blocks)))
+    active = list(range(len(model.blocks)))
     if opt.get("compile"):
         model.compile_heads()
 
