@@ -285,6 +285,51 @@ def progress(log, epoch, epochs, step, steps, eta_s):
             f"{losses_txt} | {log['img_per_s']:.1f} img/s | ETA {eta}")
 
 
+def build(args, num_classes, device, world):
+    """The model (same initial weights on every rank), its config, and the phases of training: one phase
+    of all trainable blocks (simultaneous), or one per block in turn (sequential, §3.1, Fig. 2)."""
+    config = model_config(args, num_classes)
+    torch.manual_seed(args.seed)
+    model = BlockResNet(**config)
+    n = len(model.blocks)
+    args.lambds, args.targets = per_block(args.lambd, n, "--lambd"), per_block(args.target, n, "--target")
+    frozen = {int(k) - 1 for k in args.frozen.split(",") if k}
+    if not frozen <= set(range(n)) or len(frozen) == n:
+        raise Abort(f"--frozen {args.frozen}: must name some, not all, of blocks 1-{n}")
+    if args.init:
+        load_frozen_init(model, args.init, frozen)
+    trainable = [k for k in range(n) if k not in frozen]
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if args.compile:
+        model.compile_heads()
+    return model, config, [[k] for k in trainable] if args.mode == "sequential" else [trainable]
+
+
+def save_checkpoint(path, model, optimizer, epoch, step, config, args):
+    """What resume() needs: weights, LARS momentum, where to go on from, and the model's config."""
+    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
+                     config=config, args=vars(args)), path)
+
+
+def resume(model, optimizer, config, ckpt_path, world):
+    """Auto-resume from ckpt_path if it exists; else give every rank rank 0's weights. Returns (epoch, step)."""
+    if not os.path.exists(ckpt_path):
+        if world > 1:
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
+        return 0, 0
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # written atomically, so this is not our own interrupted write
+        raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
+    check_config(ckpt["config"], config, ckpt_path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["step"]
+
+
 def main(args):
     device, rank, world = setup_distributed()
     if args.batch_size % world:
@@ -298,39 +343,9 @@ def main(args):
     ckpt_path, log_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "log.jsonl")
 
     train_set = dataset(args.dataset, args.data, train=True, limit=args.limit)
-    config = model_config(args, train_set.num_classes)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = BlockResNet(**config)
-    n = len(model.blocks)
-    args.lambds, args.targets = per_block(args.lambd, n, "--lambd"), per_block(args.target, n, "--target")
-    frozen = {int(k) - 1 for k in args.frozen.split(",") if k}
-    if not frozen <= set(range(n)) or len(frozen) == n:
-        raise Abort(f"--frozen {args.frozen}: must name some, not all, of blocks 1-{n}")
-    if args.init:
-        load_frozen_init(model, args.init, frozen)
-    trainable = [k for k in range(n) if k not in frozen]
-    phases = [[k] for k in trainable] if args.mode == "sequential" else [trainable]  # §3.1, Fig. 2
-
-    if device.type == "cuda" and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if args.compile:
-        model.compile_heads()
+    model, config, phases = build(args, train_set.num_classes, device, world)
     optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
-
-    start_epoch, start_step = 0, 0
-    if os.path.exists(ckpt_path):  # auto-resume
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # written atomically, so this is not our own interrupted write
-            raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
-        check_config(ckpt["config"], config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
-    elif world > 1:
-        for t in model.state_dict().values():
-            dist.broadcast(t, 0)
+    start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world)
 
     local_bs = args.batch_size // world
     data = Seeded(train_set, TwoViews(args.image_size), args.seed)
@@ -387,13 +402,11 @@ def main(args):
                     f.write(json.dumps(log) + "\n")
             if stop:
                 if rank == 0:
-                    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                                     step=i + 1, config=config, args=vars(args)), ckpt_path)
+                    save_checkpoint(ckpt_path, model, optimizer, epoch, i + 1, config, args)
                     print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {i + 1}; rerun to resume", flush=True)
                 return
         if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
-                             config=config, args=vars(args)), ckpt_path)
+            save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, config, args)
     same = check_replicas(model) if world > 1 else None
     if rank == 0:
         if same:
