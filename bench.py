@@ -118,9 +118,11 @@ def worker(args, name):
         step()
         step()
         return dict(peak_mib=rss_mib("VmHWM"), runtime_mib=runtime)
+    t0 = time.perf_counter()
     with FlopCounterMode(display=False) as fc:  # the warm-up step (and compilation) counts the FLOPs run
         step()
     sync()
+    warmup = time.perf_counter() - t0
     flops = {"run": fc.get_total_flops(), "model": fc.get_total_flops()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -142,7 +144,7 @@ def worker(args, name):
     return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec,
                 gflop_per_img=flops["model"] / args.batch_size / 1e9,
                 executed_gflop_per_img=flops["run"] / args.batch_size / 1e9,
-                peak_mib=peak, runtime_mib=0, device=device.type)
+                peak_mib=peak, runtime_mib=0, warmup_s=warmup, device=device.type)
 
 
 def matmul_peak(dtype, seconds=1.0):
