@@ -140,8 +140,9 @@ class LeanCbE(torch.autograd.Function):
 
     @staticmethod
     def bn_relu_pool(ctx, kind, y, gamma, beta, g):
-        """BN with the batch's statistics, ReLU and pool on one slice y = conv(x) (overwritten): returns y_hat,
-        dz = d (pooled . g) / dz (with g = None, of pooled.sum(): that is w) and pooled."""
+        """BN with the batch's statistics, ReLU and pool on one slice y = conv(x), which is overwritten.
+        Returns y_hat, the gradient dz of sum(pooled * g) with respect to z (g = None: of sum(pooled),
+        which is w), and pooled."""
         mean, invstd = ctx.stats
         y_hat = y.to(gamma.dtype).sub_(mean[:, None, None]).mul_(invstd[:, None, None])
         with torch.enable_grad():
@@ -163,11 +164,11 @@ class LeanCbE(torch.autograd.Function):
         dx, dweight, n = torch.empty_like(x), torch.zeros_like(weight), math.ceil(len(x) / LeanCbE.CHUNKS)
         for i in range(0, len(x), n):
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                xc, w = x[i:i + n].detach().requires_grad_(), weight.detach().requires_grad_()
-                y = ctx.conv(xc, w)  # the conv's backward needs xc and w, not y: y may be overwritten
+                xc, wc = x[i:i + n].detach().requires_grad_(), weight.detach().requires_grad_()
+                y = ctx.conv(xc, wc)  # the conv's backward needs xc and wc, not y: y may be overwritten
             y_hat, dz, _ = LeanCbE.bn_relu_pool(ctx, ctx.kind, y.detach(), gamma, beta, g[i:i + n])
-            dy = dz.sub_(a).addcmul_(y_hat, b, value=-1).mul_(scale)  # BN's backward
-            dx[i:i + n], gw = torch.autograd.grad(y, (xc, w), dy.to(y.dtype))
+            dy = dz.sub_(a).addcmul_(y_hat, b, value=-1).mul_(scale)  # BN's backward: gamma/sigma (dz - a - y_hat b)
+            dx[i:i + n], gw = torch.autograd.grad(y, (xc, wc), dy.to(y.dtype))
             dweight += gw
         return dx, dweight, dgamma, dbeta, None
 
