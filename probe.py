@@ -60,6 +60,7 @@ def load_frozen(path, args, device):
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         raise Abort(f"{path} is not a train.py checkpoint (no model config in it)")
     cfg = dict(ckpt["config"], projector_widths=None)
+    cfg.pop("checkpoint_heads", None)  # the first release's name of `checkpoint`, which does not matter in eval
     for key in ("arch", "blocks", "pooling"):
         if getattr(args, key) is not None and getattr(args, key) != cfg[key]:
             raise Abort(f"{path} holds {key} {cfg[key]!r}, not the {getattr(args, key)!r} asked for")
