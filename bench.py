@@ -58,7 +58,7 @@ def get_args(argv=None):
     a("--pooling", default="cbe")
     a("--steps", type=int, default=3, help="timed steps after one warm-up step")
     a("--configs", default="", help=f"'all' or a comma list from: {', '.join(CONFIGS)}. Default on GPU: all; "
-      f"on CPU (about 10 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
+      f"on CPU (about 7 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
       "AVX512-BF16/AMX, and channels-last did not win here")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
@@ -82,6 +82,7 @@ def setup(args, schedule, opt):
     targs.lambds, targs.targets = [0.0051] * 4, [1.0] * 4
     optimizer = train.LARS(model.parameters(), lr=0.1)
     active = list(range(len(model.blocks)))
+    owners = train.grad_owners(model, active)
     if opt.get("compile"):
         model.compile_heads()
 
@@ -97,7 +98,7 @@ def setup(args, schedule, opt):
         if schedule == "released":
             released()
         else:  # e2e is train.py's step with a single block
-            train.train_step(model, y1, y2, None, targs, active, train.grad_owners(model, active))
+            train.train_step(model, y1, y2, None, targs, active, owners)
         optimizer.step()
     return model, step, device
 

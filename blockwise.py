@@ -107,11 +107,13 @@ class LeanCbE(torch.autograd.Function):
         conv, bn = head.expand[0], head.expand[1]
         group = bn.process_group if isinstance(bn, nn.SyncBatchNorm) and dist.is_initialized() else False
         ctx.conv = lambda xc, w: F.conv2d(xc, w, None, 1, conv.padding, 1, conv.groups)
+        ctx.kind, ctx.group = head.kind, group
         device = x.device.type  # the backward recomputes the conv as the forward ran it, autocast or not
         ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
                             enabled=torch.is_autocast_enabled(device))
         chunks = x.split(math.ceil(len(x) / LeanCbE.CHUNKS))
         # Pass 1: the batch statistics of y = conv(x), summed in float64 so E[y^2] - E[y]^2 stays exact.
+        # Rows: count (repeated per channel, so that one all_reduce carries it), sum, sum of squares.
         sums = x.new_zeros(3, weight.shape[0], dtype=torch.float64)
         for xc in chunks:
             y = ctx.conv(xc, weight)
@@ -130,16 +132,16 @@ class LeanCbE(torch.autograd.Function):
         # Pass 2: the pooled output, and s1, s2 for the backward.
         out, s1, s2 = [], [], []
         for xc in chunks:
-            y_hat, w, pooled = LeanCbE.bn_relu_pool(ctx, head.kind, ctx.conv(xc, weight), gamma, beta, None)
+            y_hat, w, pooled = LeanCbE.bn_relu_pool(ctx, ctx.conv(xc, weight), gamma, beta, None)
             out.append(pooled)
             s1.append(w.sum((2, 3)))
             s2.append((w * y_hat).sum((2, 3)))
-        ctx.kind, ctx.count, ctx.group = head.kind, count, group
+        ctx.count = count
         ctx.save_for_backward(x, weight, gamma, beta, torch.cat(s1), torch.cat(s2))
         return torch.cat(out)
 
     @staticmethod
-    def bn_relu_pool(ctx, kind, y, gamma, beta, g):
+    def bn_relu_pool(ctx, y, gamma, beta, g):
         """BN with the batch's statistics, ReLU and pool on one slice y = conv(x), which is overwritten.
         Returns y_hat, the gradient dz of sum(pooled * g) with respect to z (g = None: of sum(pooled),
         which is w), and pooled."""
@@ -147,7 +149,7 @@ class LeanCbE(torch.autograd.Function):
         y_hat = y.to(gamma.dtype).sub_(mean[:, None, None]).mul_(invstd[:, None, None])
         with torch.enable_grad():
             z = torch.addcmul(beta[:, None, None], y_hat, gamma[:, None, None]).requires_grad_()
-            pooled = global_pool(kind, F.relu(z))
+            pooled = global_pool(ctx.kind, F.relu(z))
             dz, = torch.autograd.grad(pooled, z, torch.ones_like(pooled) if g is None else g)
         return y_hat, dz, pooled.detach()
 
@@ -166,8 +168,9 @@ class LeanCbE(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 xc, wc = x[i:i + n].detach().requires_grad_(), weight.detach().requires_grad_()
                 y = ctx.conv(xc, wc)  # the conv's backward needs xc and wc, not y: y may be overwritten
-            y_hat, dz, _ = LeanCbE.bn_relu_pool(ctx, ctx.kind, y.detach(), gamma, beta, g[i:i + n])
-            dy = dz.sub_(a).addcmul_(y_hat, b, value=-1).mul_(scale)  # BN's backward: gamma/sigma (dz - a - y_hat b)
+            y_hat, dz, _ = LeanCbE.bn_relu_pool(ctx, y.detach(), gamma, beta, g[i:i + n])
+            # BN's backward (Ioffe & Szegedy, 2015): dy = gamma / sigma * (dz - a - y_hat * b)
+            dy = dz.sub_(a).addcmul_(y_hat, b, value=-1).mul_(scale)
             dx[i:i + n], gw = torch.autograd.grad(y, (xc, wc), dy.to(y.dtype))
             dweight += gw
         return dx, dweight, dgamma, dbeta, None
@@ -240,12 +243,9 @@ class BlockResNet(nn.Module):
             return [nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool), *self.layer1]
         return list(getattr(self, f"layer{s}"))
 
-    def stage(self, s):
-        return nn.Sequential(*self.units(s))
-
     def block_modules(self, k):
         """Fig. 2: every module that block k trains: its stages, its head (§3.3), its projector (§3.4)."""
-        mods = [self.stage(s) for s in self.blocks[k]] + [self.heads[k]]
+        mods = [u for s in self.blocks[k] for u in self.units(s)] + [self.heads[k]]
         return mods + ([self.projectors[k]] if self.projectors is not None else [])
 
     def block_input(self, k, outs):
