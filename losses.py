@@ -20,7 +20,8 @@ def _distributed():  # §3.4: the paper trains on many GPUs; the loss must be th
 
 
 class _AllReduce(torch.autograd.Function):
-    """Sum over ranks (the "sum the cross-correlation matrix between all gpus" of Eq. (1)). Every rank uses the sum, so the gradient of x is the sum of all ranks' gradients."""
+    """Sum over ranks (the "sum the cross-correlation matrix between all gpus" of Eq. (1)). Every rank
+    uses the sum, so the gradient of x is the sum of all ranks' gradients."""
 
     @staticmethod
     def forward(ctx, x):
@@ -36,7 +37,8 @@ class _AllReduce(torch.autograd.Function):
 
 
 class _AllGather(torch.autograd.Function):
-    """The global batch of VICReg, SimCLR and the supervised loss (§4, Fig. 5; §5). Concatenate every rank's x along dim 0; the backward returns this rank's slice of the summed gradient."""
+    """The global batch of VICReg, SimCLR and the supervised loss (§4, Fig. 5; §5): every rank's x
+    concatenated along dim 0; the backward returns this rank's slice of the summed gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -78,8 +80,8 @@ def fp32(loss):
 
 
 def standardize(z, eps=1e-5):
-    """Eq. (1)'s normalisation: standardise each dimension over the global batch (BatchNorm1d(affine=False): centred, biased
-    variance). Eq. (1) of the paper omits the centring; the Barlow Twins code has it."""
+    """Eq. (1)'s normalisation: standardise each dimension over the global batch
+    (BatchNorm1d(affine=False): centred, biased variance). Eq. (1) of the paper omits the centring; the Barlow Twins code has it."""
     n = z.shape[0] * world_size()
     mean = all_reduce(z.sum(0)) / n
     var = all_reduce((z - mean).pow(2).sum(0)) / n
