@@ -26,26 +26,28 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import losses
+import recompute
 import train
 from blockwise import BlockResNet
 
-# name: (schedule, options); options: bf16, channels_last, checkpoint (heads/all), compile
+# name: (schedule, options); options: bf16, channels_last, recompute (heads/all), compile
 CONFIGS = {
     "e2e fp32": ("e2e", {}),
     "released fp32": ("released", {}),
     "ours fp32": ("ours", {}),
     "ours fp32 compile": ("ours", {"compile": True}),
-    "ours fp32 ckpt-head": ("ours", {"checkpoint": "heads"}),
-    "ours fp32 ckpt-all": ("ours", {"checkpoint": "all"}),
+    "ours fp32 ckpt-head": ("ours", {"recompute": "heads"}),
+    "ours fp32 ckpt-all": ("ours", {"recompute": "all"}),
     "ours fp32 channels-last": ("ours", {"channels_last": True}),
     "released bf16": ("released", {"bf16": True}),
     "ours bf16": ("ours", {"bf16": True}),
     "ours bf16 channels-last": ("ours", {"bf16": True, "channels_last": True}),
-    "ours bf16 ckpt-head": ("ours", {"bf16": True, "checkpoint": "heads"}),
+    "ours bf16 ckpt-head": ("ours", {"bf16": True, "recompute": "heads"}),
     "ours bf16 compile": ("ours", {"bf16": True, "compile": True}),
 }
 
-DEFAULT_CPU = ["e2e fp32", "released fp32", "ours fp32", "ours fp32 compile", "ours fp32 ckpt-head", "ours fp32 ckpt-all"]
+DEFAULT_CPU = ["e2e fp32", "released fp32", "ours fp32", "ours fp32 compile", "ours fp32 ckpt-head",
+               "ours fp32 ckpt-all"]
 
 
 def get_args(argv=None):
@@ -72,22 +74,21 @@ def setup(args, schedule, opt):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = [int(w) for w in args.projector.split("-")]
     model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
-                        noise=0.0 if schedule == "e2e" else 0.25, projector_widths=widths,
-                        checkpoint=opt.get("checkpoint", "none")).to(device).train()
+                        noise=0.0 if schedule == "e2e" else 0.25, projector_widths=widths).to(device).train()
+    recompute.apply(model, opt.get("recompute", "none"))
     fmt = torch.channels_last if opt.get("channels_last") else torch.contiguous_format
     model.to(memory_format=fmt)
     y1, y2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)
               for _ in range(2))
-    targs = train.get_args(["--bf16"] if opt.get("bf16") else [])
-    targs.lambds, targs.targets = [0.0051] * 4, [1.0] * 4
+    bf16, loss_fns = opt.get("bf16", False), [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * len(model.blocks)
     optimizer = train.LARS(model.parameters(), lr=0.1)
     active = list(range(len(model.blocks)))
     owners = train.grad_owners(model, active)
     if opt.get("compile"):
-        model.compile_heads()
+        train.compile_heads(model)
 
     def released():  # the authors' order: all forwards, then one backward per block (Algorithm 1)
-        with torch.autocast(device.type, torch.bfloat16, enabled=targs.bf16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             f1, f2 = model(y1), model(y2)
             zs = [(model.projectors[k](a), model.projectors[k](b)) for k, (a, b) in enumerate(zip(f1, f2))]
         for z1, z2 in zs:
@@ -98,7 +99,7 @@ def setup(args, schedule, opt):
         if schedule == "released":
             released()
         else:  # e2e is train.py's step with a single block
-            train.train_step(model, y1, y2, None, targs, active, owners)
+            train.train_step(model, y1, y2, None, loss_fns, active, owners, bf16)
         optimizer.step()
     return model, step, device
 
@@ -135,10 +136,8 @@ def worker(args, name):
         times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]  # the median step: one slow step (another process, a page-in) does not count
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mib("VmHWM")
-    if opt.get("checkpoint"):  # MFU counts the model's FLOPs, not checkpointing's recomputation
-        model.checkpoint = "none"
-        for head in model.heads:
-            head.checkpoint = False
+    if opt.get("recompute"):  # MFU counts the model's FLOPs, not the recomputed ones
+        recompute.apply(model, "none")
         with FlopCounterMode(display=False) as fc:
             step()
         flops["model"] = fc.get_total_flops()
@@ -173,7 +172,9 @@ def measure(args, name):
     """Time one configuration in a fresh process; on CPU measure its memory in another."""
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k not in ("json", "worker", "configs", "worker_memory")] + ["--worker", name]
-    runs = [([], {})] + ([] if torch.cuda.is_available() else [(["--worker-memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"})])
+    runs = [([], {})]
+    if not torch.cuda.is_available():
+        runs.append((["--worker-memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"}))
     row = {}
     for extra, env in runs:
         r = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True,
@@ -201,14 +202,17 @@ def main(args):
         row["mfu"] = row["gflop_per_img"] * 1e9 * row["img_per_s"] / peaks["bf16" if "bf16" in name else "fp32"]
         rows.append(row)
         print(f"{name:26s} {row['sec_per_step']:7.2f} s/step {row['img_per_s']:7.2f} img/s "
-              f"{row['gflop_per_img']:6.1f} GFLOP/img ({row['executed_gflop_per_img']:6.1f} run) {row['mfu'] * 100:5.1f}% MFU "
-              f"{row['peak_mib']:8.0f} MiB peak {row['peak_mib'] - row['runtime_mib']:8.0f} MiB above torch", flush=True)
+              f"{row['gflop_per_img']:6.1f} GFLOP/img ({row['executed_gflop_per_img']:6.1f} run) "
+              f"{row['mfu'] * 100:5.1f}% MFU {row['peak_mib']:8.0f} MiB peak "
+              f"{row['peak_mib'] - row['runtime_mib']:8.0f} MiB above torch", flush=True)
     base = {r["config"]: r for r in rows}
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; matmul peak "
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s fp32, {peaks['bf16'] / 1e9:.0f} GFLOP/s bf16")
-    print(f"{args.arch} {args.image_size}px batch {args.batch_size} (x2 views) projector {args.projector} pooling {args.pooling}")
-    for a, b in (("ours fp32", "released fp32"), ("ours fp32 compile", "released fp32"), ("ours fp32 compile", "ours fp32"),
+    print(f"{args.arch} {args.image_size}px batch {args.batch_size} (x2 views) projector {args.projector} "
+          f"pooling {args.pooling}")
+    for a, b in (("ours fp32", "released fp32"), ("ours fp32 compile", "released fp32"),
+                 ("ours fp32 compile", "ours fp32"),
                  ("ours fp32 ckpt-head", "released fp32"),
                  ("ours fp32 ckpt-all", "released fp32"), ("ours bf16", "ours fp32"),
                  ("ours bf16", "released bf16"), ("released fp32", "e2e fp32")):

@@ -17,7 +17,8 @@ def to_rgb(img):
 
 
 def view(size, blur_p, solarize_p):
-    """One view of the SPEC §2 table. The blur kernel is ~10% of the image (23 px at 224), as Barlow Twins."""
+    """One view of Barlow Twins' augmentations (README, "How this differs"). The blur kernel is ~10% of the
+    image (23 px at 224), as Barlow Twins."""
     kernel = int(0.1 * size) // 2 * 2 + 1
     return T.Compose([
         to_rgb,
@@ -51,6 +52,11 @@ def probe_transforms(size=224):
     val = T.Compose([to_rgb, T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(),
                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return train, val
+
+
+def plain_transform():
+    """Images fed as they are, only normalised: ImageNet-C's are 224 px already (App. C)."""
+    return T.Compose([to_rgb, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class Seeded(torch.utils.data.Dataset):

@@ -2,7 +2,7 @@
 
 Every loss takes the two views' projector outputs z1, z2 (B x D, this rank's part of the batch) and
 returns the loss of the *global* batch, the same number on every rank. Gradients flow back through
-the collectives below (the released code's plain all_reduce drops them, SPEC §3): each rank then
+the collectives below (the released code's plain all_reduce drops them, README): each rank then
 holds world_size x its share of the gradient, and averaging over ranks, as DDP does, gives exactly
 the gradient of one process holding the whole batch. Losses are computed in fp32 under autocast.
 """
@@ -68,7 +68,7 @@ def world_size():  # §3.4: batch 2048 spread over the processes
 
 def fp32(loss):
     """§3.2-§3.4: compute the loss in float32 with autocast off: the cross-correlation and the exponentials of
-    NT-Xent overflow or lose precision in half precision (SPEC §4)."""
+    NT-Xent overflow or lose precision in half precision."""
     def up(t):  # half types to float32; float64 and integer labels stay as they are
         return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
@@ -81,7 +81,8 @@ def fp32(loss):
 
 def standardize(z, eps=1e-5):
     """Eq. (1)'s normalisation: standardise each dimension over the global batch
-    (BatchNorm1d(affine=False): centred, biased variance). Eq. (1) of the paper omits the centring; the Barlow Twins code has it."""
+    (BatchNorm1d(affine=False): centred, biased variance). Eq. (1) of the paper omits the centring; the Barlow
+    Twins code has it."""
     n = z.shape[0] * world_size()
     mean = all_reduce(z.sum(0)) / n
     var = all_reduce((z - mean).pow(2).sum(0)) / n

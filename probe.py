@@ -13,6 +13,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import losses
 from blockwise import ARCHS, POOLINGS, BlockResNet
-from data import DATASETS, Seeded, TwoViews, dataset, probe_transforms
+from data import DATASETS, Seeded, TwoViews, dataset, plain_transform, probe_transforms
 from train import Abort, Parser, run, setup_distributed
 
 
@@ -60,7 +61,8 @@ def load_frozen(path, args, device):
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         raise Abort(f"{path} is not a train.py checkpoint (no model config in it)")
     cfg = dict(ckpt["config"], projector_widths=None)
-    cfg.pop("checkpoint_heads", None)  # the first release's name of `checkpoint`, which does not matter in eval
+    for old in ("checkpoint_heads", "checkpoint"):  # earlier releases kept the recompute mode here; eval ignores it
+        cfg.pop(old, None)
     for key in ("arch", "blocks", "pooling"):
         if getattr(args, key) is not None and getattr(args, key) != cfg[key]:
             raise Abort(f"{path} holds {key} {cfg[key]!r}, not the {getattr(args, key)!r} asked for")
@@ -75,17 +77,33 @@ def load_frozen(path, args, device):
 
 @torch.no_grad()
 def block_features(model, x, kind, probed):
-    """The features of the probed blocks for a batch of images, in fp32 (the network is frozen and in
-    eval mode, so there is no noise; blocks above the last probed one are not run)."""
-    outs, feats = {0: x}, {}
-    for k in range(max(probed) + 1):
-        h = model.forward_block(k, model.block_input(k, outs), outs)
-        feats[k] = model.heads[k](h) if kind == "head" else h.mean((2, 3))
+    """The features of the probed blocks for a batch of images, in fp32: each block's head output, or
+    (kind "trunk") its global average pool. The network is frozen and in eval mode, so there is no noise;
+    Algorithm 1 stops after the last probed block."""
+    feats = {}
+    for k, h in enumerate(model.blockwise(x)):
+        if k in probed:
+            feats[k] = model.heads[k](h) if kind == "head" else h.mean((2, 3))
+        if k == max(probed):
+            break
     return [feats[k].float() for k in probed]
 
 
+@torch.no_grad()
+def stage_features(model, x):
+    """The global average pool of the output of every ResNet stage 1-4, whatever the block split (Fig. 8);
+    in evaluation, Algorithm 1 is the plain forward of the trunk."""
+    feats = []
+    for s in (1, 2, 3, 4):
+        for unit in model.units(s):
+            x = unit(x)
+        feats.append(x.mean((2, 3)).float())
+    return feats
+
+
 def loader(ds, batch, args, shuffle):
-    sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=args.seed) if dist.is_initialized() else None
+    sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=args.seed) \
+        if dist.is_initialized() else None
     return torch.utils.data.DataLoader(ds, batch, shuffle=shuffle and sampler is None, sampler=sampler,
                                        num_workers=args.workers, drop_last=False), sampler
 
@@ -104,8 +122,9 @@ class Probes(nn.Module):
         return [fc(f) for fc, f in zip(self.fcs, feats)]
 
 
-def sgd_epochs(probes, batches, args):
-    """SGD with momentum 0.9, cosine decay per epoch; gradients averaged over ranks."""
+def sgd_epochs(probes, batches, args, average=True):
+    """SGD with momentum 0.9, cosine decay per epoch; `average`: gradients averaged over ranks (each rank
+    holds a share of the batch)."""
     opt = torch.optim.SGD(probes.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
     for epoch in range(args.epochs):
         for g in opt.param_groups:
@@ -114,7 +133,7 @@ def sgd_epochs(probes, batches, args):
             loss = sum(F.cross_entropy(logits, y) for logits in probes(feats))
             opt.zero_grad()
             loss.backward()
-            if losses.world_size() > 1:
+            if average and losses.world_size() > 1:
                 for p in probes.parameters():
                     dist.all_reduce(p.grad)
                     p.grad /= losses.world_size()
@@ -122,28 +141,44 @@ def sgd_epochs(probes, batches, args):
 
 
 @torch.no_grad()
-def accuracy(probes, batches):
-    """Top-1 and top-5 (%) per block, summed over ranks."""
+def accuracy(probes, batches, reduce=True):
+    """Top-1 and top-5 (%) per block; `reduce`: counts summed over ranks (each rank holds a share)."""
     total = 0
     for feats, y in batches:
         hits = [[(l.topk(min(k, l.shape[1]), 1).indices == y[:, None]).any(1).sum() for k in (1, 5)]
                 for l in probes(feats)]
         total = total + torch.tensor([*sum(hits, []), len(y)], dtype=torch.float64)
-    if dist.is_initialized():
+    if reduce and dist.is_initialized():
         dist.all_reduce(total)
     top = (100 * total[:-1] / total[-1]).view(-1, 2)
     return [dict(top1=a.item(), top5=b.item()) for a, b in top]
 
 
+def gather_strided(t, n):
+    """Rank r holds rows r, r + world, r + 2 world, ... of an n-row tensor; every rank gets all n rows, in order."""
+    world = losses.world_size()
+    if world == 1:
+        return t
+    padded = t.new_zeros(-(-n // world), *t.shape[1:])
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).flatten(0, 1)[:n]
+
+
 def cache(model, ds, args, device, probed):
-    """--fast: every block's features of a dataset, extracted once without augmentation."""
-    dl, _ = loader(ds, args.batch_size, args, shuffle=False)
+    """--fast: the probed blocks' features of a whole dataset, extracted once without augmentation. Each
+    rank extracts every world-th image and all ranks get all features, so what follows is the same on every
+    rank and for any number of ranks."""
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.batch_size,
+                                     num_workers=args.workers)
     feats, ys = [[] for _ in probed], []
     for x, y in dl:
         for i, f in enumerate(block_features(model, x.to(device), args.features, probed)):
-            feats[i].append(f.cpu())
-        ys.append(y)
-    return [torch.cat(f) for f in feats], torch.cat(ys)
+            feats[i].append(f)
+        ys.append(y.to(device))
+    return [gather_strided(torch.cat(f), len(ds)).cpu() for f in feats], gather_strided(torch.cat(ys), len(ds)).cpu()
 
 
 def knn(train_f, train_y, test_f, test_y, k, classes):
@@ -157,8 +192,58 @@ def knn(train_f, train_y, test_f, test_y, k, classes):
     return 100 * correct / len(test_f)
 
 
-def corruption_sets(root, transform):
-    """Walk an ImageNet-C style tree: root/<corruption>/<severity>/<class>/<image>."""
+def fast_probe(model, train_ds, val_ds, probed, args, device):
+    """--fast: cached features, standardised with the training set's statistics (so one lr fits every
+    block), one linear probe per block, plus kNN. Returns the per-block results and the probes with their
+    preprocessing, for the corruption pass."""
+    val_t = probe_transforms(args.image_size)[1]
+    (tr_f, tr_y), (va_f, va_y) = (cache(model, Seeded(ds, val_t), args, device, probed) for ds in (train_ds, val_ds))
+    mean, std = [f.mean(0) for f in tr_f], [f.std(0) + 1e-6 for f in tr_f]
+
+    def standardised(fs):
+        return [((f.cpu() - m) / s).to(device) for f, m, s in zip(fs, mean, std)]
+    tr_n, va_n, tr_yd, va_yd = standardised(tr_f), standardised(va_f), tr_y.to(device), va_y.to(device)
+
+    def batches(epoch):  # the global batch on every rank: all ranks compute the same
+        order = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(epoch)).to(device)
+        for i in range(0, len(order), args.batch_size):
+            yield [f[order[i:i + args.batch_size]] for f in tr_n], tr_yd[order[i:i + args.batch_size]]
+    probes = new_probes([f.shape[1] for f in tr_f], train_ds.num_classes, args, device)
+    sgd_epochs(probes, batches, args, average=False)
+    acc = accuracy(probes, (([f[i:i + 1024] for f in va_n], va_yd[i:i + 1024]) for i in range(0, len(va_y), 1024)),
+                   reduce=False)
+    blocks = [dict(block=k + 1, **a, knn=knn(f, tr_y, v, va_y, args.knn, train_ds.num_classes))
+              for k, a, f, v in zip(probed, acc, tr_f, va_f)]
+    return blocks, probes, standardised
+
+
+def full_probe(model, train_ds, val_ds, probed, args, device):
+    """The released protocol: probes trained on augmented images through the frozen network, every epoch."""
+    train_t, val_t = probe_transforms(args.image_size)
+    local_bs = max(1, args.batch_size // losses.world_size())
+
+    def batches(ds, transform, shuffle, epoch=0):  # (features of the probed blocks, labels)
+        dl, sampler = loader(Seeded(ds, transform, args.seed), local_bs, args, shuffle)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        dl.dataset.epoch = epoch
+        for x, y in dl:
+            yield block_features(model, x.to(device), args.features, probed), y.to(device)
+    dims = [f.shape[1] for f in next(batches(val_ds, val_t, False))[0]]
+    probes = new_probes(dims, train_ds.num_classes, args, device)
+    sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args)
+    blocks = [dict(block=k + 1, **a) for k, a in zip(probed, accuracy(probes, batches(val_ds, val_t, False)))]
+    return blocks, probes, lambda fs: fs
+
+
+def new_probes(dims, classes, args, device):
+    torch.manual_seed(args.seed)
+    return Probes(dims, classes).to(device)
+
+
+def corruption_sets(root):
+    """Walk an ImageNet-C style tree: root/<corruption>/<severity>/<class>/<image>. App. C: the images are
+    the benchmark's 224 px already, so they are fed as they are, only normalised (no resize, no crop)."""
     import torchvision
     if not os.path.isdir(root):
         raise Abort(f"--corruptions {root} is not a directory")
@@ -166,27 +251,41 @@ def corruption_sets(root, transform):
         for severity in sorted(os.listdir(os.path.join(root, corruption))):
             path = os.path.join(root, corruption, severity)
             if os.path.isdir(path):
-                yield corruption, severity, torchvision.datasets.ImageFolder(path, transform)
+                yield corruption, severity, torchvision.datasets.ImageFolder(path, plain_transform())
+
+
+def corruption_errors(model, probes, preprocess, probed, args, device):
+    """App. C, Fig. 15: error = 100 - top-1 of the trained probes on each corrupted copy of the validation
+    set; per corruption, the mean and std over its severities (last probed block), and their mean."""
+    errors = {}
+    for corruption, severity, ds in corruption_sets(args.corruptions):
+        dl, _ = loader(ds, max(1, args.batch_size // losses.world_size()), args, shuffle=False)
+        acc = accuracy(probes, ((preprocess(block_features(model, x.to(device), args.features, probed)), y.to(device))
+                                for x, y in dl))
+        errors.setdefault(corruption, {})[severity] = [100 - a["top1"] for a in acc]
+    summary = {c: dict(mean=float(np.mean([e[-1] for e in s.values()])), std=float(np.std([e[-1] for e in s.values()])))
+               for c, s in errors.items()}
+    return dict(corruptions=errors, corruption_summary=summary,
+                corruption_mean_error=float(np.mean([v["mean"] for v in summary.values()])))
 
 
 @torch.no_grad()
 def diagnostics(model, ds, args, device, batches=4):
-    """Fig. 8: per block, the on- and off-diagonal entries of the cross-correlation matrix between two
-    views' globally pooled block outputs (no head, no projector), summarised by their mean and quantiles."""
-    dl, _ = loader(ds, args.batch_size, args, shuffle=True)
-    per_block = None
-    for i, ((y1, y2), _) in enumerate(dl):
-        if i == batches:
-            break
-        f1, f2 = (block_features(model, y.to(device), "trunk", range(len(model.blocks))) for y in (y1, y2))
-        cs = [losses.standardize(a.float()).T @ losses.standardize(b.float()) / len(a) for a, b in zip(f1, f2)]
-        per_block = cs if per_block is None else [p + c for p, c in zip(per_block, cs)]
+    """Fig. 8-9: for each ResNet stage 1-4 (any block split, so that an end-to-end model gives the reference
+    curve), the cross-correlation matrix C of Eq. (1) between two views' globally pooled stage outputs (no head,
+    no projector) over the global batch, averaged over a few batches; summarised by the mean and quantiles
+    of its diagonal and off-diagonal entries."""
+    dl, _ = loader(ds, max(1, args.batch_size // losses.world_size()), args, shuffle=True)
+    n, per_stage = min(batches, len(dl)), [0] * 4
+    for i, ((y1, y2), _) in zip(range(n), dl):
+        for s, (a, b) in enumerate(zip(stage_features(model, y1.to(device)), stage_features(model, y2.to(device)))):
+            c = losses.all_reduce(losses.standardize(a).T @ losses.standardize(b)) / (len(a) * losses.world_size())
+            per_stage[s] = per_stage[s] + c / n
     out = []
-    for c in per_block:
-        c = c / min(batches, len(dl))
+    for s, c in enumerate(per_stage):
         on, off = c.diagonal(), c[~torch.eye(len(c), dtype=torch.bool, device=c.device)]
         q = torch.tensor([0.1, 0.5, 0.9], device=c.device)
-        out.append(dict(on_mean=on.mean().item(), on_q10_50_90=on.quantile(q).tolist(),
+        out.append(dict(stage=s + 1, on_mean=on.mean().item(), on_q10_50_90=on.quantile(q).tolist(),
                         off_mean=off.mean().item(), off_abs_mean=off.abs().mean().item(),
                         off_q10_50_90=off.quantile(q).tolist()))
     return out
@@ -201,7 +300,8 @@ def report(results, path):
     for b in results["blocks"]:
         print(f"{b['block']:>5} {b['top1']:7.2f} {b['top5']:7.2f}" + (f" {b['knn']:7.2f}" if "knn" in b else ""))
     if "corruptions" in results:
-        print(f"corruptions: mean error {results['corruption_mean_error']:.2f} (block {results['blocks'][-1]['block']})")
+        print(f"corruptions: mean error {results['corruption_mean_error']:.2f} "
+              f"(block {results['blocks'][-1]['block']})")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -217,56 +317,18 @@ def report(results, path):
 def main(args):
     device, rank, world = setup_distributed()
     model = load_frozen(args.checkpoint, args, device)
-    n = len(model.blocks)
-    probed = [int(k) - 1 for k in args.blocks_to_probe.split(",") if k] or list(range(n))
-    if not set(probed) <= set(range(n)):
-        raise Abort(f"--blocks-to-probe {args.blocks_to_probe}: the model has blocks 1-{n}")
-    train_t, val_t = probe_transforms(args.image_size)
+    probed = [int(k) - 1 for k in args.blocks_to_probe.split(",") if k] or list(range(len(model.blocks)))
+    if not set(probed) <= set(range(len(model.blocks))):
+        raise Abort(f"--blocks-to-probe {args.blocks_to_probe}: the model has blocks 1-{len(model.blocks)}")
     train_ds, val_ds = (dataset(args.dataset, args.data, train=t, limit=args.limit if t else 0) for t in (True, False))
-    classes, local_bs = train_ds.num_classes, max(1, args.batch_size // world)
-
-    def batches(ds, transform, shuffle, epoch=0):  # (features of the probed blocks, labels), through the frozen net
-        dl, sampler = loader(Seeded(ds, transform, args.seed), local_bs, args, shuffle)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        dl.dataset.epoch = epoch
-        for x, y in dl:
-            yield block_features(model, x.to(device), args.features, probed), y.to(device)
-
-    dims = [f.shape[1] for f in next(batches(val_ds, val_t, False))[0]]
-    torch.manual_seed(args.seed)
-    probes = Probes(dims, classes).to(device)
-    results = dict(checkpoint=args.checkpoint, features=args.features, fast=args.fast, blocks=[])
-    if args.fast:
-        (tr_f, tr_y), (va_f, va_y) = (cache(model, Seeded(ds, val_t), args, device, probed) for ds in (train_ds, val_ds))
-        mean, std = [f.mean(0) for f in tr_f], [f.std(0) + 1e-6 for f in tr_f]  # standardised: one lr fits all blocks
-        norm = lambda fs: [((f - m) / s).to(device) for f, m, s in zip(fs, mean, std)]  # noqa: E731
-        tr_n, va_n, tr_y, va_y = norm(tr_f), norm(va_f), tr_y.to(device), va_y.to(device)
-
-        def cached(epoch):
-            order = torch.randperm(len(tr_y), generator=torch.Generator().manual_seed(epoch)).to(device)
-            for i in range(0, len(order), local_bs):
-                yield [f[order[i:i + local_bs]] for f in tr_n], tr_y[order[i:i + local_bs]]
-        sgd_epochs(probes, cached, args)
-        acc = accuracy(probes, ((([f[i:i + 1024] for f in va_n]), va_y[i:i + 1024]) for i in range(0, len(va_y), 1024)))
-        for k, a, f, v in zip(probed, acc, tr_f, va_f):
-            results["blocks"].append(dict(block=k + 1, **a, knn=knn(f, tr_y.cpu(), v, va_y.cpu(), args.knn, classes)))
-        preprocess = lambda fs: [((f.cpu() - m) / s).to(device) for f, m, s in zip(fs, mean, std)]  # noqa: E731
-    else:
-        sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args)
-        results["blocks"] = [dict(block=k + 1, **a) for k, a in zip(probed, accuracy(probes, batches(val_ds, val_t, False)))]
-        preprocess = lambda fs: fs  # noqa: E731
-    if args.corruptions:  # App. C: error = 100 - top-1 of the trained probes on each corrupted copy
-        errors = {}
-        for corruption, severity, ds in corruption_sets(args.corruptions, val_t):
-            dl, _ = loader(ds, local_bs, args, shuffle=False)
-            acc = accuracy(probes, ((preprocess(block_features(model, x.to(device), args.features, probed)), y.to(device))
-                                     for x, y in dl))
-            errors.setdefault(corruption, {})[severity] = [100 - a["top1"] for a in acc]
-        results["corruptions"] = errors
-        results["corruption_mean_error"] = sum(sum(e[-1] for e in s.values()) / len(s) for s in errors.values()) / len(errors)
+    protocol = fast_probe if args.fast else full_probe
+    blocks, probes, preprocess = protocol(model, train_ds, val_ds, probed, args, device)
+    results = dict(checkpoint=args.checkpoint, features=args.features, fast=args.fast, blocks=blocks)
+    if args.corruptions:
+        results.update(corruption_errors(model, probes, preprocess, probed, args, device))
     if args.diagnostics:
-        results["diagnostics"] = diagnostics(model, Seeded(train_ds, TwoViews(args.image_size), args.seed), args, device)
+        two_views = Seeded(train_ds, TwoViews(args.image_size), args.seed)
+        results["diagnostics"] = diagnostics(model, two_views, args, device)
     if rank == 0:
         out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
         os.makedirs(out, exist_ok=True)

@@ -3,6 +3,7 @@
 Run under torchrun, this file is also the worker of the distributed tests (see `dist_worker`).
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -20,12 +21,14 @@ from PIL import Image
 
 import losses
 import probe
+import recompute
 import train
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(arch="resnet18", head_dim=128, projector_widths=(64, 64))
+BT4 = [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * 4  # the default loss of each of 4 blocks
 
 
 def small_model(**kw):
@@ -97,6 +100,13 @@ def test_cbe_kernel_and_groups():
     assert head(torch.randn(2, 64, 8, 8)).shape == (2, 128)
 
 
+def lean_copy(head):
+    """A copy of a CbE head that computes with LeanCbE (recompute.py) in training."""
+    lean = copy.deepcopy(head)
+    lean.forward = functools.partial(recompute.lean_cbe, lean)
+    return lean
+
+
 def run_head(head, x, g):
     """Output, input gradient, parameter gradients and BN buffers of one training step of a head."""
     x = x.clone().requires_grad_()
@@ -116,8 +126,7 @@ def test_checkpointed_cbe_equals_the_stored_one(kind, kernel_size, groups, momen
     with torch.no_grad():
         head.expand[1].weight.normal_()
         head.expand[1].bias.normal_()
-    lean = copy.deepcopy(head)
-    lean.checkpoint = True
+    lean = lean_copy(head)
     for _ in range(2):
         x, g = torch.randn(11, 8, 5, 6, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
         for a, b in zip(run_head(head, x, g), run_head(lean, x, g)):
@@ -129,8 +138,7 @@ def test_checkpointed_cbe_equals_the_stored_one(kind, kernel_size, groups, momen
 def test_checkpointed_cbe_under_bf16_autocast():
     torch.manual_seed(0)
     head = Pool(8, "cbe", 16).train()
-    lean = copy.deepcopy(head)
-    lean.checkpoint = True
+    lean = lean_copy(head)
     x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
     with torch.autocast("cpu", torch.bfloat16):
         ref, got = run_head(head, x, g), run_head(lean, x, g)
@@ -139,20 +147,20 @@ def test_checkpointed_cbe_under_bf16_autocast():
         assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05 * a.float().abs().max().item())
 
 
-def test_checkpointed_trunk_gives_the_same_step():
-    """checkpoint="all" (every residual unit and every CbE head recomputed in the backward): the same
-    losses, gradients and BN running statistics as storing everything, noise included."""
-    args = train.get_args(SMALL)
-    args.lambds, args.targets = [0.0051] * 4, [1.0] * 4
-    y1, y2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+def test_recomputed_trunk_gives_the_same_step():
+    """recompute="all" (every residual unit and every CbE head recomputed in the backward): the same
+    losses, gradients and BN running statistics as storing everything, noise included, in float64."""
+    torch.manual_seed(0)
+    y1, y2 = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
     results = []
-    for checkpoint in ("none", "all"):
-        model = small_model(noise=0.25, checkpoint=checkpoint).train()
+    for mode in ("none", "all"):
+        model = small_model(noise=0.25).double().train()
+        recompute.apply(model, mode)
         torch.manual_seed(1)
-        loss = train.train_step(model, y1, y2, None, args, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+        loss = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
         results.append([loss, *(p.grad for p in model.parameters()), *model.buffers()])
-    for a, b in zip(*results):  # fp32: the lean heads sum in another order
-        assert (a.float() - b.float()).abs().max() <= 1e-5 * a.float().abs().max()
+    for a, b in zip(*results):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12 * a.double().abs().max().item())
 
 
 def test_lsp_is_the_average_of_each_spatial_bin():
@@ -186,6 +194,49 @@ def test_trunk_loads_strictly_into_torchvision():
         model = BlockResNet(arch, pooling="cbe", projector_widths=(32, 16))
         missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(model.trunk_state_dict(), strict=False)
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def readme_excerpt():
+    """The teaching excerpt of README.md, its sizes shrunk to a small network."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    code = text.split("<!-- teaching excerpt: begin -->")[1].split("<!-- teaching excerpt: end -->")[0]
+    code = code.strip().removeprefix("```python").removesuffix("```")
+    line = 'arch, dim, width, sigma = "resnet50", 2048, 8192, 0.25'
+    assert line in code and len(code.strip().splitlines()) <= 45
+    return code.replace(line, 'arch, dim, width, sigma = "resnet18", 32, 16, 0.25')
+
+
+def test_readme_excerpt_is_the_method():
+    """The README's one-slide method gives, in float64, the losses and gradients of the full implementation."""
+    ns = {}
+    exec(compile(readme_excerpt(), "README.md", "exec"), ns)
+    model = BlockResNet("resnet18", head_dim=32, projector_widths=(16, 16, 16), noise=0.25).double().train()
+    with torch.no_grad():
+        for m in model.modules():  # zero_init_residual would leave the residual branches without gradients
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    twin = [*ns["blocks"], *ns["heads"], *ns["projectors"]]
+    for m in twin:
+        m.double().train()
+    ns["r"].load_state_dict(model.trunk_state_dict(), strict=False)
+    for k in range(4):
+        ns["heads"][k][0].load_state_dict(model.heads[k].expand[0].state_dict())
+        ns["heads"][k][1].load_state_dict(model.heads[k].expand[1].state_dict())
+        ns["projectors"][k].load_state_dict(model.projectors[k].state_dict())
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    ref = train.train_step(model, x1, x2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+    torch.manual_seed(1)
+    got = ns["train_step"](x1, x2)
+    assert np.allclose(got, ref.tolist(), rtol=1e-10)
+    mine = {id(p): p for m in twin for p in m.parameters()}
+    assert len(mine) == len(list(model.parameters()))
+    theirs = [*(p for n, p in ns["r"].named_parameters() if not n.startswith("fc.")),
+              *(p for m in [*ns["heads"], *ns["projectors"]] for p in m.parameters())]
+    for p, q in zip(model.parameters(), theirs):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12)
 
 
 # ---------------------------------------------------------------- the losses against naive float64 formulas
@@ -306,7 +357,7 @@ def dist_worker(out_dir):
         torch.distributed.all_reduce(w.grad)
         result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
     head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced_cbe_problem()[0])  # CPU: only LeanCbE can run it
-    head.checkpoint = True
+    head.forward = functools.partial(recompute.lean_cbe, head)
     x, g = synced_cbe_problem()[1:]
     got = run_head(head, x[part], g[part])
     for t in got[2:5]:  # parameter gradients summed over ranks: the gradient of the full batch's sum
@@ -407,10 +458,8 @@ def weights(out):
 def test_lean_step_gives_the_gradients_of_the_summed_losses():
     model = small_model(noise=0.0).train()
     twin = small_model(noise=0.0).train()
-    args = train.get_args(SMALL)
-    args.lambds, args.targets = [0.0051] * 4, [1.0] * 4
     y1, y2, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
-    train.train_step(model, y1, y2, labels, args, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+    train.train_step(model, y1, y2, labels, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
     f1, f2 = twin(y1), twin(y2)
     sum(losses.barlow_twins(twin.projectors[k](a), twin.projectors[k](b)) for k, (a, b) in enumerate(zip(f1, f2))).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -419,15 +468,13 @@ def test_lean_step_gives_the_gradients_of_the_summed_losses():
 
 def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
     model = small_model(blocks="1,2")
-    args = train.get_args(SMALL)
-    args.lambds, args.targets = [0.0051] * 2, [1.0] * 2
     train.set_trainable(model, [1])
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1", "layer1", "heads.0", "projectors.0"))}
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("layer2")}
     opt = LARS(model.parameters(), lr=0.5)
     for _ in range(3):
         opt.zero_grad()
-        train.train_step(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), None, args, [1],
+        train.train_step(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), None, BT4, [1],
                          train.grad_owners(model, [1]))
         opt.step()
     now = model.state_dict()
@@ -437,7 +484,7 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
 
 
 @pytest.mark.parametrize("extra", [["--loss", "vicreg", "--pooling", "lsp", "--head-dim", "512"], ["--loss", "simclr", "--pooling", "gsp"],
-                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3", "--checkpoint", "all"],
+                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
                                    ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2", "--pooling", "cbe-l2",
                                     "--checkpoint", "heads"]])
 def test_every_variant_trains(tmp_path, extra):
@@ -656,7 +703,7 @@ def test_corruption_tree_walker(tmp_path):
     for corruption in ("fog", "gaussian_noise"):
         for severity in ("1", "5"):
             image_folder(tmp_path / corruption / severity, per_class=2, splits=(".",))
-    found = [(c, s, len(ds)) for c, s, ds in probe.corruption_sets(str(tmp_path), None)]
+    found = [(c, s, len(ds)) for c, s, ds in probe.corruption_sets(str(tmp_path))]
     assert found == [("fog", "1", 4), ("fog", "5", 4), ("gaussian_noise", "1", 4), ("gaussian_noise", "5", 4)]
 
 

@@ -19,18 +19,9 @@ import torch
 import torch.distributed as dist
 
 import losses
-from blockwise import ARCHS, CHECKPOINTS, POOLINGS, BlockResNet
+import recompute
+from blockwise import ARCHS, POOLINGS, BlockResNet
 from data import DATASETS, Seeded, TwoViews, dataset
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the usage of ~35 flags would bury the message)."""
-
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def get_args(argv=None):
@@ -68,9 +59,10 @@ def get_args(argv=None):
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the heads and "
-      "projectors: faster and leaner (bench.py); a minute of compiling at the start, and on CPU it needs a C++ compiler")
-    a("--checkpoint", default="none", choices=CHECKPOINTS, help="recompute in the backward instead of storing: "
-      "heads = the CbE maps, all = those and every residual unit (default: %(default)s)")
+      "projectors: faster and leaner (bench.py); a minute of compiling at the start, and on CPU it needs a "
+      "C++ compiler")
+    a("--recompute", "--checkpoint", default="none", choices=recompute.MODES, help="recompute in the backward "
+      "instead of storing: heads = the CbE maps, all = those and every residual unit (default: %(default)s)")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
@@ -81,7 +73,7 @@ def get_args(argv=None):
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as in Barlow Twins: the update g + wd * w is rescaled by the trust ratio
     eta * |w| / |g + wd * w|, then SGD with momentum. Every 1-D parameter (biases, BatchNorm) gets
-    neither weight decay nor the trust ratio (SPEC §2)."""
+    neither weight decay nor the trust ratio, as the released run."""
 
     def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -121,15 +113,42 @@ def per_block(value, n, flag):
     return vals * n if len(vals) == 1 else vals
 
 
-def block_loss(args, k, z1, z2, labels):
-    """The loss of block k on its two views' projector outputs."""
-    if args.loss == "barlowtwins":
-        return losses.barlow_twins(z1, z2, args.lambds[k], args.scale_loss, args.targets[k])
-    if args.loss == "vicreg":
-        return losses.vicreg(z1, z2)
-    if args.loss == "simclr":
-        return losses.simclr(z1, z2, args.temperature)
-    return (losses.supervised(z1, labels) + losses.supervised(z2, labels)) / 2
+def loss_functions(args, n):
+    """The loss of each of the n blocks: a function of its two views' projector outputs and the labels."""
+    lambds, targets = per_block(args.lambd, n, "--lambd"), per_block(args.target, n, "--target")
+
+    def loss(k):
+        if args.loss == "barlowtwins":  # Eq. (2); per-block lambda and invariance target: App. A
+            return lambda z1, z2, y: losses.barlow_twins(z1, z2, lambds[k], args.scale_loss, targets[k])
+        if args.loss == "vicreg":
+            return lambda z1, z2, y: losses.vicreg(z1, z2)
+        if args.loss == "simclr":
+            return lambda z1, z2, y: losses.simclr(z1, z2, args.temperature)
+        return lambda z1, z2, y: (losses.supervised(z1, y) + losses.supervised(z2, y)) / 2  # §5
+    return [loss(k) for k in range(n)]
+
+
+def train_step(model, y1, y2, labels, loss_fns, active, owners, bf16=False):
+    """One step of Algorithm 1 on two views y1, y2, lean in memory: block k's loss is back-propagated as
+    soon as block k has run, so its graph is freed before block k+1 starts (the released code runs every
+    forward first). The gradients are those of the sum of the block losses, since no loss reaches another
+    block. `owners[k]`: the parameters whose gradient is final after block k (grad_owners). Returns the
+    detached loss of each active block."""
+    views = model.blockwise(y1), model.blockwise(y2)
+    out, pending = [], []
+    for k in range(max(active) + 1):
+        with torch.autocast(y1.device.type, torch.bfloat16, enabled=bf16):
+            h1, h2 = next(views[0]), next(views[1])
+            if k not in active:
+                continue  # a frozen block only feeds the next one
+            z1, z2 = (model.projectors[k](model.heads[k](h)) for h in (h1, h2))
+        loss = loss_fns[k](z1, z2, labels)
+        loss.backward()  # Algorithm 1: one backward per block
+        pending.append(average_grads(owners[k]))
+        out.append(loss.detach())
+    for finish in pending:
+        finish()
+    return torch.stack(out)
 
 
 def set_trainable(model, active):
@@ -154,14 +173,6 @@ def grad_owners(model, active):
     return owners
 
 
-def unflatten_into(flat, tensors):
-    """Copy a vector back into the tensors it was concatenated from (one message instead of one each)."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def average_grads(params):
     """Start averaging these gradients over the ranks; returns a function that waits and writes them back.
     We do per block what DDP does per bucket, so a block's all-reduce overlaps the next block's compute."""
@@ -177,6 +188,14 @@ def average_grads(params):
     return finish
 
 
+def unflatten_into(flat, tensors):
+    """Copy a vector back into the tensors it was concatenated from (one message instead of one each)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def broadcast_buffers(model):
     """BatchNorm running statistics from rank 0 to all, in one message, as DDP's broadcast_buffers does:
     without SyncBatchNorm (CPU) each rank would otherwise track the statistics of its own images."""
@@ -186,45 +205,129 @@ def broadcast_buffers(model):
     unflatten_into(flat, bufs)
 
 
-def train_step(model, y1, y2, labels, args, active, owners):
-    """One step of Algorithm 1, lean in memory: block k's loss is back-propagated as soon as block k has
-    run, so its graph is freed before block k+1 starts (the released code runs every forward first).
-    The gradients are the same as those of the sum of the block losses: no loss reaches another block.
-    Returns the detached loss of each active block."""
-    outs = [{0: y1}, {0: y2}]
-    out, pending = [], []
-    for k in range(max(active) + 1):
-        with torch.set_grad_enabled(k in active), torch.autocast(y1.device.type, torch.bfloat16, enabled=args.bf16):
-            h1, h2 = (model.forward_block(k, model.block_input(k, o), o) for o in outs)
-            if k not in active:
-                continue  # a frozen block only feeds the next one
-            z1, z2 = (model.projectors[k](model.heads[k](h)) for h in (h1, h2))
-        loss = block_loss(args, k, z1, z2, labels)
-        loss.backward()  # Algorithm 1: one backward per block
-        pending.append(average_grads(owners[k]))
-        out.append(loss.detach())
-    for finish in pending:
-        finish()
-    return torch.stack(out)
+def main(args):
+    device, rank, world = setup_distributed()
+    if args.batch_size % world:
+        raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        open(os.path.join(args.out, f".write-test-{rank}"), "w").close()
+        os.remove(os.path.join(args.out, f".write-test-{rank}"))
+    except OSError as e:
+        raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+
+    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit)
+    model, config, phases = build(args, train_set.num_classes, device, world)
+    loss_fns = loss_functions(args, len(model.blocks))
+    optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
+    start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world)
+
+    data = Seeded(train_set, TwoViews(args.image_size), args.seed)
+    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps = len(sampler) // (args.batch_size // world)
+    if steps == 0:
+        raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
+    epochs = args.epochs * len(phases)  # sequential mode: --epochs for each block in turn
+    signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
+    if rank == 0:
+        print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
+              f"{world} process(es) on {device.type}, {steps} steps/epoch, epochs {start_epoch}->{epochs}", flush=True)
+
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        data.epoch = epoch
+        first = start_step if epoch == start_epoch else 0
+        indices = list(sampler)[first * (args.batch_size // world):steps * (args.batch_size // world)]
+        loader = torch.utils.data.DataLoader(data, args.batch_size // world, sampler=indices, drop_last=True,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+        stopped = train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, steps, args)
+        if rank == 0:  # every epoch, and on SIGTERM in the middle of one
+            save_checkpoint(ckpt_path, model, optimizer, epoch + (stopped is None), stopped or 0, config, args)
+        if stopped is not None:
+            if rank == 0:
+                print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {stopped}; rerun to resume", flush=True)
+            return
+    same = check_replicas(model) if world > 1 else None
+    if rank == 0:
+        if same:
+            print(same, flush=True)
+        save_atomic(model.trunk_state_dict(), os.path.join(args.out, "trunk.pth"))
+        print(f"done: {ckpt_path}, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth", flush=True)
 
 
-class Abort(Exception):
-    """A bad input or a failed run, reported as one line without a traceback."""
+def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, steps, args):
+    """Steps first..steps-1 of an epoch, training the blocks of this epoch's phase; returns None, or the
+    number of steps done when a SIGTERM stopped the epoch early (all ranks stop at the same step)."""
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+    device, epochs = next(model.parameters()).device, args.epochs * len(phases)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    phase = phases[epoch // args.epochs]
+    set_trainable(model, phase)
+    owners, t0, seen = grad_owners(model, phase), time.time(), 0
+    for i, ((y1, y2), labels) in enumerate(loader, start=first):
+        y1, y2 = (y.to(device, non_blocking=True, memory_format=fmt) for y in (y1, y2))
+        labels = labels.to(device, non_blocking=True)
+        in_phase = (epoch % args.epochs) * steps + i  # sequential mode: each block has its own schedule
+        lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        torch.manual_seed(hash((args.seed, rank, epoch, i)) & 0xFFFF_FFFF)  # the noise of §5, resumable
+        optimizer.zero_grad(set_to_none=True)  # frozen blocks keep grad None, so LARS skips them
+        block_losses = train_step(model, y1, y2, labels, loss_fns, phase, owners, args.bf16)
+        if not torch.isfinite(block_losses).all():
+            k = phase[int((~torch.isfinite(block_losses)).nonzero()[0])]
+            raise Abort(f"loss of block {k + 1} is {block_losses.tolist()[phase.index(k)]} at epoch {epoch + 1} "
+                        f"step {i}; stopped, {args.out}/checkpoint.pth holds the last good state")
+        optimizer.step()
+        if world > 1:
+            broadcast_buffers(model)
+        seen += args.batch_size
+        stop = torch.tensor(float(bool(STOP)))
+        if world > 1:
+            dist.all_reduce(stop)  # every rank stops at the same step
+        if rank == 0 and ((i + 1) % args.print_freq == 0 or i + 1 == steps):
+            rate = seen / (time.time() - t0)
+            log = dict(epoch=epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,
+                       blocks=[k + 1 for k in phase])
+            eta = ((epochs - epoch - 1) * steps + steps - i - 1) * args.batch_size / rate
+            print(progress(log, epoch, epochs, i + 1, steps, eta), flush=True)
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+        if stop:
+            return i + 1
+    return None
 
 
-STOP = []  # set by SIGTERM: save at the end of the current step and exit
+def build(args, num_classes, device, world):
+    """The model (same initial weights on every rank), its config, and the phases of training: one phase
+    of all trainable blocks (simultaneous), or one per block in turn (sequential, §3.1, Fig. 2)."""
+    config = model_config(args, num_classes)
+    torch.manual_seed(args.seed)
+    model = BlockResNet(**config)
+    n = len(model.blocks)
+    frozen = {int(k) - 1 for k in args.frozen.split(",") if k}
+    if not frozen <= set(range(n)) or len(frozen) == n:
+        raise Abort(f"--frozen {args.frozen}: must name some, not all, of blocks 1-{n}")
+    if args.init:
+        load_frozen_init(model, args.init, frozen)
+    trainable = [k for k in range(n) if k not in frozen]
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    recompute.apply(model, args.recompute)
+    if args.compile:
+        compile_heads(model)
+    return model, config, [[k] for k in trainable] if args.mode == "sequential" else [trainable]
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+def compile_heads(model):
+    """torch.compile each head and projector in place (state_dict keys unchanged): it fuses CbE's BN + ReLU +
+    pool and stores less (bench.py). The trunk stays eager (slower compiled, README); so does a LeanCbE head,
+    whose hand-written autograd compile would not trace."""
+    for m in [*model.heads, *model.projectors]:
+        if not recompute.is_lean(m):
+            m.compile()
 
 
 def model_config(args, num_classes):
@@ -236,20 +339,7 @@ def model_config(args, num_classes):
     if args.loss == "supervised":  # §3.4: the projector's last layer outputs the classes
         widths[-1] = num_classes
     return dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
-                kernel_size=args.kernel_size, groups=args.groups, noise=args.noise, projector_widths=widths,
-                checkpoint=args.checkpoint)
-
-
-def check_config(saved, wanted, what):
-    diff = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if k not in ("noise", "checkpoint") and saved.get(k) != v]
-    if diff:
-        raise Abort(f"{what} holds a different model: " + ", ".join(diff))
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+                kernel_size=args.kernel_size, groups=args.groups, noise=args.noise, projector_widths=widths)
 
 
 def load_frozen_init(model, path, frozen):
@@ -263,6 +353,41 @@ def load_frozen_init(model, path, frozen):
     if bad:
         raise Abort(f"--init {path}: missing or mis-shaped weights for the frozen blocks, e.g. {bad[0]}")
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
+
+
+def resume(model, optimizer, config, ckpt_path, world):
+    """Auto-resume from ckpt_path if it exists; else give every rank rank 0's weights. Returns (epoch, step)."""
+    if not os.path.exists(ckpt_path):
+        if world > 1:
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
+        return 0, 0
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # written atomically, so this is not our own interrupted write
+        raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
+    check_config(ckpt["config"], config, ckpt_path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+def save_checkpoint(path, model, optimizer, epoch, step, config, args):
+    """What resume() needs: weights, LARS momentum, where to go on from, and the model's config."""
+    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
+                     config=config, args=vars(args)), path)
+
+
+def check_config(saved, wanted, what):
+    diff = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if k != "noise" and saved.get(k) != v]
+    if diff:
+        raise Abort(f"{what} holds a different model: " + ", ".join(diff))
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def check_replicas(model):
@@ -285,134 +410,35 @@ def progress(log, epoch, epochs, step, steps, eta_s):
             f"{losses_txt} | {log['img_per_s']:.1f} img/s | ETA {eta}")
 
 
-def build(args, num_classes, device, world):
-    """The model (same initial weights on every rank), its config, and the phases of training: one phase
-    of all trainable blocks (simultaneous), or one per block in turn (sequential, §3.1, Fig. 2)."""
-    config = model_config(args, num_classes)
-    torch.manual_seed(args.seed)
-    model = BlockResNet(**config)
-    n = len(model.blocks)
-    args.lambds, args.targets = per_block(args.lambd, n, "--lambd"), per_block(args.target, n, "--target")
-    frozen = {int(k) - 1 for k in args.frozen.split(",") if k}
-    if not frozen <= set(range(n)) or len(frozen) == n:
-        raise Abort(f"--frozen {args.frozen}: must name some, not all, of blocks 1-{n}")
-    if args.init:
-        load_frozen_init(model, args.init, frozen)
-    trainable = [k for k in range(n) if k not in frozen]
-    if device.type == "cuda" and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBatchNorm is GPU-only
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if args.compile:
-        model.compile_heads()
-    return model, config, [[k] for k in trainable] if args.mode == "sequential" else [trainable]
+# ---------------------------------------------------------------- command line and processes (shared with probe.py)
+
+class Abort(Exception):
+    """A bad input or a failed run, reported as one line without a traceback."""
 
 
-def save_checkpoint(path, model, optimizer, epoch, step, config, args):
-    """What resume() needs: weights, LARS momentum, where to go on from, and the model's config."""
-    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
-                     config=config, args=vars(args)), path)
+STOP = []  # set by SIGTERM: save at the end of the current step and exit
 
 
-def resume(model, optimizer, config, ckpt_path, world):
-    """Auto-resume from ckpt_path if it exists; else give every rank rank 0's weights. Returns (epoch, step)."""
-    if not os.path.exists(ckpt_path):
-        if world > 1:
-            for t in model.state_dict().values():
-                dist.broadcast(t, 0)
-        return 0, 0
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # written atomically, so this is not our own interrupted write
-        raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
-    check_config(ckpt["config"], config, ckpt_path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["epoch"], ckpt["step"]
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage of ~35 flags would bury the message)."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def main(args):
-    device, rank, world = setup_distributed()
-    if args.batch_size % world:
-        raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, f".write-test-{rank}"), "w").close()
-        os.remove(os.path.join(args.out, f".write-test-{rank}"))
-    except OSError as e:
-        raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
-    ckpt_path, log_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "log.jsonl")
-
-    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit)
-    model, config, phases = build(args, train_set.num_classes, device, world)
-    optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
-    start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world)
-
-    local_bs = args.batch_size // world
-    data = Seeded(train_set, TwoViews(args.image_size), args.seed)
-    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps = len(sampler) // local_bs
-    if steps == 0:
-        raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
-    epochs = args.epochs * len(phases)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
-    if rank == 0:
-        print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
-              f"{world} process(es) on {device.type}, {steps} steps/epoch, epochs {start_epoch}->{epochs}", flush=True)
-
-    for epoch in range(start_epoch, epochs):
-        phase = phases[epoch // args.epochs]
-        set_trainable(model, phase)
-        owners = grad_owners(model, phase)
-        sampler.set_epoch(epoch)
-        data.epoch = epoch
-        first = start_step if epoch == start_epoch else 0
-        indices = list(sampler)[first * local_bs:steps * local_bs]  # a resumed epoch skips what it did
-        loader = torch.utils.data.DataLoader(data, local_bs, sampler=indices, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", drop_last=True)
-        t0, seen = time.time(), 0
-        for i, ((y1, y2), labels) in enumerate(loader, start=first):
-            y1, y2 = (y.to(device, non_blocking=True, memory_format=fmt) for y in (y1, y2))
-            labels = labels.to(device, non_blocking=True)
-            in_phase = (epoch % args.epochs) * steps + i
-            lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            torch.manual_seed(hash((args.seed, rank, epoch, i)) & 0xFFFF_FFFF)  # the noise of §5, resumable
-            optimizer.zero_grad(set_to_none=True)  # frozen blocks keep grad None, so LARS skips them
-            block_losses = train_step(model, y1, y2, labels, args, phase, owners)
-            if not torch.isfinite(block_losses).all():
-                k = phase[int((~torch.isfinite(block_losses)).nonzero()[0])]
-                raise Abort(f"loss of block {k + 1} is {block_losses.tolist()[phase.index(k)]} at epoch {epoch + 1} "
-                            f"step {i}; stopped, {ckpt_path} holds the last good state")
-            optimizer.step()
-            if world > 1:
-                broadcast_buffers(model)
-            seen += args.batch_size
-            stop = torch.tensor(float(bool(STOP)))
-            if world > 1:
-                dist.all_reduce(stop)  # every rank stops at the same step
-            if rank == 0 and ((i + 1) % args.print_freq == 0 or i + 1 == steps):
-                rate = seen / (time.time() - t0)
-                log = dict(epoch=epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,
-                           blocks=[k + 1 for k in phase])
-                eta = ((epochs - epoch - 1) * steps + steps - i - 1) * args.batch_size / rate
-                print(progress(log, epoch, epochs, i + 1, steps, eta), flush=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log) + "\n")
-            if stop:
-                if rank == 0:
-                    save_checkpoint(ckpt_path, model, optimizer, epoch, i + 1, config, args)
-                    print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {i + 1}; rerun to resume", flush=True)
-                return
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer, epoch + 1, 0, config, args)
-    same = check_replicas(model) if world > 1 else None
-    if rank == 0:
-        if same:
-            print(same, flush=True)
-        save_atomic(model.trunk_state_dict(), os.path.join(args.out, "trunk.pth"))
-        print(f"done: {ckpt_path}, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth", flush=True)
+def setup_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
 
 
 def one_line(e):
