@@ -101,7 +101,8 @@ class BlockResNet(nn.Module):
     """A torchvision ResNet trained block by block; `blockwise` is Algorithm 1 (Appendix E).
 
     The trunk keeps torchvision's names (conv1, bn1, layer1..layer4), so `trunk_state_dict()` loads
-    into `torchvision.models.<arch>()` with only `fc` missing. `heads[k]` and `projectors[k]` belong
+    into `torchvision.models.<arch>()` with only `fc` missing. The last BatchNorm of every residual unit
+    starts at 0 (zero_init_residual), so that each unit starts as its shortcut. `heads[k]` and `projectors[k]` belong
     to block k. `projector_widths=None` builds no projectors (e.g. for probing).
     """
 
@@ -110,7 +111,7 @@ class BlockResNet(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-        trunk = getattr(torchvision.models, arch)()
+        trunk = getattr(torchvision.models, arch)(zero_init_residual=True)  # as the released run and Barlow Twins
         self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
         self.blocks, self.noise = parse_blocks(blocks), noise

@@ -99,8 +99,20 @@ def fashion_mnist_root(root):
     return root
 
 
-def dataset(name, root, train=True, limit=0):
-    """Returns an (image, label) dataset; `limit` keeps its first N images (quick runs, tests).
+def balanced_subset(targets, limit, seed=0):
+    """The indices of `limit` samples spread over the classes as evenly as their sizes allow, drawn with a
+    seeded generator (the same on every rank and after a resume), in ascending order."""
+    targets = torch.as_tensor(targets)
+    classes = targets.unique().tolist()
+    g, keys = torch.Generator().manual_seed(seed), torch.empty(len(targets), dtype=torch.long)
+    for c_i, c in enumerate(classes):
+        idx = (targets == c).nonzero().flatten()
+        keys[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) * len(classes) + c_i
+    return keys.argsort()[:limit].sort().values.tolist()  # round robin: 1st of each class, 2nd of each, ...
+
+
+def dataset(name, root, train=True, limit=0, seed=0):
+    """Returns an (image, label) dataset; `limit` keeps N images, balanced over the classes (quick runs).
     folder: root/train and root/val in the ImageNet layout. cifar10 / fashion-mnist: torchvision's,
     downloaded into root when missing (Fashion-MNIST is taken from Debian's package when present)."""
     if name == "folder":
@@ -120,7 +132,7 @@ def dataset(name, root, train=True, limit=0):
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     ds.num_classes = len(ds.classes)
     if limit:
-        sub = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+        sub = torch.utils.data.Subset(ds, balanced_subset(ds.targets, limit, seed))
         sub.num_classes = ds.num_classes
         return sub
     return ds

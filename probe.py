@@ -31,7 +31,7 @@ def get_args(argv=None):
     a("checkpoint", help="checkpoint.pth written by train.py")
     a("--data", default="./data", help="dataset root, as train.py")
     a("--dataset", default="folder", choices=DATASETS)
-    a("--limit", type=int, default=0, help="use only the first N training images (0 = all)")
+    a("--limit", type=int, default=0, help="probe with N training images, balanced over the classes (0 = all)")
     a("--image-size", type=int, default=224)
     a("--blocks-to-probe", default="", help="1-based blocks to probe, e.g. 4 (default: all)")
     a("--features", default="head", choices=("head", "trunk"), help="pooling-head output or global average pool")
@@ -102,10 +102,10 @@ def stage_features(model, x):
 
 
 def loader(ds, batch, args, shuffle):
-    sampler = torch.utils.data.DistributedSampler(ds, shuffle=shuffle, seed=args.seed) \
-        if dist.is_initialized() else None
-    return torch.utils.data.DataLoader(ds, batch, shuffle=shuffle and sampler is None, sampler=sampler,
-                                       num_workers=args.workers, drop_last=False), sampler
+    """This rank's share of a dataset; shuffled, the global batches are the same for any number of ranks."""
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed)
+    return torch.utils.data.DataLoader(ds, batch, sampler=sampler, num_workers=args.workers), sampler
 
 
 class Probes(nn.Module):
@@ -224,8 +224,7 @@ def full_probe(model, train_ds, val_ds, probed, args, device):
 
     def batches(ds, transform, shuffle, epoch=0):  # (features of the probed blocks, labels)
         dl, sampler = loader(Seeded(ds, transform, args.seed), local_bs, args, shuffle)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         dl.dataset.epoch = epoch
         for x, y in dl:
             yield block_features(model, x.to(device), args.features, probed), y.to(device)
@@ -320,7 +319,8 @@ def main(args):
     probed = [int(k) - 1 for k in args.blocks_to_probe.split(",") if k] or list(range(len(model.blocks)))
     if not set(probed) <= set(range(len(model.blocks))):
         raise Abort(f"--blocks-to-probe {args.blocks_to_probe}: the model has blocks 1-{len(model.blocks)}")
-    train_ds, val_ds = (dataset(args.dataset, args.data, train=t, limit=args.limit if t else 0) for t in (True, False))
+    train_ds = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
+    val_ds = dataset(args.dataset, args.data, train=False)
     protocol = fast_probe if args.fast else full_probe
     blocks, probes, preprocess = protocol(model, train_ds, val_ds, probed, args, device)
     results = dict(checkpoint=args.checkpoint, features=args.features, fast=args.fast, blocks=blocks)

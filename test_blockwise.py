@@ -24,6 +24,7 @@ import probe
 import recompute
 import train
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
+from data import balanced_subset
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -181,6 +182,49 @@ def test_noise_only_in_training_and_relative_to_std():
     y = torch.randn(2, 3, 32, 32)
     model.eval()
     assert all(torch.equal(a, b) for a, b in zip(model(y), model(y)))  # deterministic without noise
+
+
+def test_noise_uses_one_std_over_the_whole_tensor_and_passes_gradients_through_it():
+    """§5 (the released noise type "all"): x + sigma * std(x) * N(0, 1) with one std over the whole tensor,
+    the same scale in a quiet channel as in a loud one, and the std not detached."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64) * torch.tensor([1.0, 100.0], dtype=torch.float64)[:, None, None]
+    x.requires_grad_()
+    g = torch.randn_like(x)
+    torch.manual_seed(1)
+    y = add_noise(x, 0.25, training=True)
+    (y * g).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    y_ref = x_ref + 0.25 * x_ref.std() * torch.randn_like(x_ref)
+    (y_ref * g).sum().backward()
+    assert torch.allclose(y, y_ref, rtol=1e-12) and torch.allclose(x.grad, x_ref.grad, rtol=1e-12)
+    assert not torch.allclose(x.grad, torch.ones_like(x.grad))  # d std / dx is part of the gradient
+    quiet = (y - x)[:, 0].std() / x.std()
+    assert 0.2 < quiet < 0.3  # in the quiet channel too, the noise is 0.25 x the whole tensor's std
+
+
+def test_next_block_and_head_receive_the_noised_output():
+    """§5: the noise is added before the head and before the next block, both of which see the same tensor."""
+    model = small_model(noise=0.25).train()
+    seen = {}
+    model.layer1[-1].register_forward_hook(lambda m, i, o: seen.setdefault("layer1", o))
+    model.layer2[0].register_forward_pre_hook(lambda m, i: seen.setdefault("block2", i[0]))
+    model.heads[0].register_forward_pre_hook(lambda m, i: seen.setdefault("head1", i[0]))
+    torch.manual_seed(0)
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(seen["block2"], seen["head1"])
+    assert not torch.allclose(seen["block2"], seen["layer1"])
+    assert abs((seen["block2"] - seen["layer1"]).std() / seen["layer1"].std() - 0.25) < 0.05
+
+
+def test_residual_units_start_as_their_shortcut():
+    """zero_init_residual, as the released run and Barlow Twins: the last BN of every residual unit starts at 0."""
+    for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        model = BlockResNet(arch, projector_widths=None)
+        units = [u for s in (1, 2, 3, 4) for u in getattr(model, f"layer{s}")]
+        assert all(getattr(u, last).weight.abs().sum() == 0 for u in units)
+        assert all(u.bn1.weight.abs().sum() > 0 for u in units)
 
 
 def test_projectors_are_initialised_independently():
@@ -426,6 +470,65 @@ def test_learning_rate_schedule():
     assert math.isclose(train.learning_rate(100, 100, 10, 0.4), 0.4 * 0.001)
 
 
+# ---------------------------------------------------------------- data (data.py) and defaults
+
+def blur_and_solarize(view):
+    """The probabilities of the blur and of the solarization in one view's transform."""
+    import torchvision.transforms as T
+    blur = [t.p for t in view.transforms if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.GaussianBlur)]
+    sol = [(t.p, t.threshold) for t in view.transforms if isinstance(t, T.RandomSolarize)]
+    return blur, sol
+
+
+def test_the_two_views_are_asymmetric():
+    """Barlow Twins' pair: view A always blurred, never solarized; view B blurred 10% and solarized 20%."""
+    views = train.TwoViews(32)
+    assert blur_and_solarize(views.a) == ([1.0], [(0.0, 128)])
+    assert blur_and_solarize(views.b) == ([0.1], [(0.2, 128)])
+
+
+def test_augmentations_depend_on_seed_epoch_and_index_only():
+    ds = [(Image.fromarray(np.full((40, 40, 3), 100, np.uint8)), 0)] * 2
+    seeded = train.Seeded(ds, train.TwoViews(32), seed=0)
+    a = seeded[0][0][0]
+    assert torch.equal(a, seeded[0][0][0])  # drawn again: the same (resume, any number of workers)
+    assert not torch.equal(a, seeded[1][0][0])  # another image index
+    seeded.epoch = 1
+    assert not torch.equal(a, seeded[0][0][0])  # another epoch
+    assert not torch.equal(a, train.Seeded(ds, train.TwoViews(32), seed=1)[0][0][0])  # another seed
+
+
+def test_limit_keeps_every_class_balanced_and_seeded():
+    targets = [0] * 50 + [1] * 30 + [2] * 5 + [3] * 40
+    sub = balanced_subset(targets, 40, seed=0)
+    counts = np.bincount([targets[i] for i in sub])
+    assert len(sub) == len(set(sub)) == 40 and sorted(sub) == sub
+    assert counts.tolist() == [12, 12, 5, 11]  # round robin over the classes; class 2 has only 5
+    assert sub == balanced_subset(targets, 40, seed=0) != balanced_subset(targets, 40, seed=1)
+
+
+def test_limit_on_an_image_folder_takes_every_class(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=6, classes=4)
+    ds = train.dataset("folder", data, limit=8, seed=3)
+    assert np.bincount([ds.dataset.targets[i] for i in ds.indices]).tolist() == [2, 2, 2, 2]
+
+
+def test_defaults_are_the_papers_imagenet_run():
+    a = vars(train.get_args([]))
+    paper = dict(dataset="folder", limit=0, image_size=224, arch="resnet50", blocks="1,2,3,4", mode="simultaneous",
+                 frozen="", init="", loss="barlowtwins", lambd="0.0051", target="1.0", scale_loss=0.024,
+                 pooling="cbe", head_dim=2048, kernel_size=1, groups=1, noise=0.25, projector="8192-8192-8192",
+                 epochs=300, batch_size=2048, lr=0.2, warmup_epochs=10, weight_decay=1e-6, grad_scale=1.0,
+                 bf16=False, seed=0)
+    assert {k: a[k] for k in paper} == paper
+    lars = train.LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1)
+    assert lars.defaults["momentum"] == 0.9 and lars.defaults["eta"] == 0.001
+    assert math.isclose(train.learning_rate(10**6, 10**6, 10, 1.0), 0.001)  # cosine ends at 0.001 x base
+    probe_defaults = vars(probe.get_args(["x"]))
+    assert {k: probe_defaults[k] for k in ("epochs", "batch_size", "lr", "weight_decay")} == \
+        dict(epochs=100, batch_size=256, lr=0.1, weight_decay=1e-6)
+
+
 # ---------------------------------------------------------------- training (train.py) on real image files
 
 def image_folder(root, per_class=8, classes=2, size=40, splits=("train", "val")):
@@ -492,8 +595,47 @@ def test_every_variant_trains(tmp_path, extra):
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
     assert all(math.isfinite(v) for entry in log for v in entry["loss"])
-    if "sequential" in extra:
+    if "sequential" in extra:  # block 2 starts its own schedule once block 1 is done (§3.1)
         assert [e["blocks"] for e in log] == [[1], [1], [2], [2]]
+        lrs = [e["lr"] for e in log]
+        assert lrs[:2] == lrs[2:] and lrs[0] > lrs[1] > 0
+
+
+def test_second_epoch_draws_new_views_and_noise(tmp_path):
+    """With lr 0 the weights stay put, so the loss of the first step of epoch 2 depends only on that epoch's
+    augmentations (seeded by seed, epoch, image) and noise (seeded by seed, rank, epoch, step): rebuilt
+    here from those seeds, it must match the logged one, and differ from epoch 1's."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    argv = ["--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", "--lr", "0"]
+    train.main(train.get_args([*argv, "--out", str(tmp_path / "out")]))
+    logged = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "log.jsonl")]
+    args = train.get_args(argv)
+    ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
+    ds.epoch = 1
+    sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(1)
+    (y1, y2), labels = torch.utils.data.default_collate([ds[i] for i in sampler])
+    torch.manual_seed(0)
+    model = BlockResNet(**train.model_config(args, 2)).train()
+    torch.manual_seed(train.step_seed(0, 0, 1, 0))
+    loss = train.train_step(model, y1, y2, labels, train.loss_functions(args, 4), [0, 1, 2, 3],
+                            train.grad_owners(model, [0, 1, 2, 3]))
+    assert np.allclose(loss.tolist(), logged[1], rtol=1e-5) and not np.allclose(logged[0], logged[1], rtol=1e-3)
+    assert len({train.step_seed(0, r, e, i) for r in (0, 1) for e in (0, 1) for i in (0, 1)}) == 8
+
+
+def test_grad_scale_scales_the_1d_updates_only(tmp_path):
+    """--grad-scale 0.5: BN parameters (no trust ratio) move half as far; 2-D weights (LARS trust ratio) as far."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    torch.manual_seed(0)
+    start = BlockResNet(**train.model_config(train.get_args(SMALL), 2)).state_dict()
+    moved = {}
+    for scale in ("1", "0.5"):
+        run_train(data, tmp_path / scale, "--epochs", "1", "--batch-size", "8", "--grad-scale", scale)
+        w = weights(tmp_path / scale)["model"]
+        moved[scale] = [(w[k] - start[k]).norm().item() for k in ("bn1.bias", "conv1.weight")]
+    assert min(moved["1"]) > 0 and math.isclose(moved["0.5"][0], moved["1"][0] / 2, rel_tol=1e-3)
+    assert math.isclose(moved["0.5"][1], moved["1"][1], rel_tol=1e-3)
 
 
 def test_compiled_heads_train_like_eager_ones(tmp_path):
@@ -520,17 +662,17 @@ def test_frozen_first_block_from_another_run(tmp_path):
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """2 gloo ranks x 4 images against one process holding the 8. On CPU each rank's BatchNorm normalises
     with its own 4 images (SyncBatchNorm is GPU-only), so the one-process reference runs each rank's half
-    through the network separately, then takes the loss and the LARS step over the whole batch: exactly
-    what the two ranks compute together. Compared: the first step's loss of every block, the weights after
-    it, and that both ranks end with identical weights."""
+    through the network separately, each with the noise that rank draws (§5), then takes the loss and the
+    LARS step over the whole batch: exactly what the two ranks compute together. Compared: the first step's
+    loss of every block, the weights after it, and that both ranks end with identical weights."""
     data = image_folder(tmp_path / "data", per_class=4)
     out = tmp_path / "out"
-    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8", "--noise", "0")
+    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks hold identical weights" in r.stdout
     logged = json.loads(open(out / "log.jsonl").readline())["loss"]
 
-    args = train.get_args(["--data", data, *SMALL, "--noise", "0", "--batch-size", "8"])
+    args = train.get_args(["--data", data, *SMALL, "--batch-size", "8"])
     ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
     torch.manual_seed(0)
     model = BlockResNet(**train.model_config(args, 2)).train()
@@ -539,7 +681,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         sampler = torch.utils.data.DistributedSampler(ds, 2, rank, shuffle=True, seed=0, drop_last=True)
         sampler.set_epoch(0)
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
-        halves.append([model(v) for v in batch[0]])  # per-rank BatchNorm statistics
+        torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
+        views = [model.blockwise(v) for v in batch[0]]
+        feats = [[model.heads[k](next(v)) for v in views] for k in range(4)]  # per-rank BatchNorm statistics
+        halves.append(list(zip(*feats)))
     total = 0
     for k in range(4):
         z1, z2 = (torch.cat([model.projectors[k](h[v][k]) for h in halves]) for v in (0, 1))
@@ -589,7 +734,9 @@ def test_killed_run_resumes_exactly(reference, tmp_path, moment):
 
 
 def test_sigterm_saves_mid_epoch_and_resumes_exactly(reference, tmp_path):
+    """With 2 data-loading workers (the reference used none): resume is exact whatever the workers."""
     cmd, ref = reference
+    cmd = cmd + ["--workers", "2"]
     out = tmp_path / "out"
     p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
     while not (out / "log.jsonl").exists() and p.poll() is None:
@@ -673,12 +820,23 @@ def probe_args(ckpt, data, *extra):
 
 def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, tmp_path):
     data, ckpt = trained
-    for extra in (["--fast"], [], ["--features", "trunk", "--blocks-to-probe", "2,4", "--diagnostics"]):
+    corrupted = tmp_path / "imagenet-c"
+    for corruption in ("fog", "gaussian_noise"):
+        for severity in ("1", "2"):  # severity 2 adds a class the probes cannot predict: a higher error
+            image_folder(corrupted / corruption / severity, per_class=2, classes=int(severity) + 1, splits=(".",))
+    for extra in (["--fast", "--corruptions", str(corrupted)], [],
+                  ["--features", "trunk", "--blocks-to-probe", "2,4", "--diagnostics"]):
         res = probe.main(probe_args(ckpt, data, "--out", str(tmp_path), *extra))
         saved = json.load(open(tmp_path / "probe.json"))
         assert [b["block"] for b in saved["blocks"]] == ([2, 4] if "trunk" in extra else [1, 2, 3, 4])
-        assert all(0 <= b["top1"] <= 100 and b["top5"] >= b["top1"] for b in saved["blocks"]) and res["blocks"] == saved["blocks"]
-    assert len(saved["diagnostics"]) == 4 and -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
+        assert all(0 <= b["top1"] <= 100 and b["top5"] >= b["top1"] for b in saved["blocks"])
+        assert res["blocks"] == saved["blocks"]
+        if "--fast" in extra:  # App. C: per corruption, the mean and std of the error over its severities
+            errors = [saved["corruptions"]["fog"][s][-1] for s in ("1", "2")]
+            assert saved["corruption_summary"]["fog"] == dict(mean=np.mean(errors), std=np.std(errors))
+            assert math.isclose(saved["corruption_mean_error"], np.mean(
+                [v["mean"] for v in saved["corruption_summary"].values()]))
+    assert [d["stage"] for d in saved["diagnostics"]] == [1, 2, 3, 4] and -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
     model = probe.load_frozen(ckpt, probe_args(ckpt, data), torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
@@ -686,6 +844,31 @@ def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, 
                              for x, y in torch.utils.data.DataLoader(ds, 8))
     probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
+
+
+def test_corrupted_images_are_fed_as_they_are():
+    """App. C: ImageNet-C's images are 224 px already; no resize, no crop, only normalisation."""
+    img = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    x = probe.plain_transform()(img)
+    assert x.shape == (3, 30, 40)
+    assert torch.allclose(x[0, 0, :3] * 0.229 + 0.485, torch.tensor([0.0, 3.0, 6.0]) / 255, atol=1e-6)
+
+
+def test_probe_is_the_same_in_one_and_two_processes(trained, tmp_path):
+    """--fast: features, standardisation and the kNN bank cover the whole dataset on every rank (here 9 validation
+    images: 5 and 4 per rank); diagnostics: C over the global batch. The number of processes changes nothing."""
+    _, ckpt = trained
+    data = image_folder(tmp_path / "data", per_class=2, classes=3, splits=("train",))
+    image_folder(tmp_path / "data", per_class=3, classes=3, splits=("val",))
+    argv = probe_argv(ckpt, data, "--fast", "--diagnostics", "--batch-size", "6")
+    one = probe.main(probe.get_args([*argv, "--out", str(tmp_path / "one")]))
+    r = torchrun("probe.py", *argv, "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "probe.json"))
+    for a, b in zip(one["blocks"], two["blocks"]):
+        assert np.allclose([a[k] for k in ("top1", "top5", "knn")], [b[k] for k in ("top1", "top5", "knn")])
+    for a, b in zip(one["diagnostics"], two["diagnostics"]):
+        assert np.allclose(a["on_q10_50_90"] + a["off_q10_50_90"], b["on_q10_50_90"] + b["off_q10_50_90"], atol=1e-5)
 
 
 def test_probe_learns_linearly_separable_features():

@@ -29,7 +29,8 @@ def get_args(argv=None):
     a = p.add_argument
     a("--data", default="./data", help="dataset root (for folder: root/train, root/val)")
     a("--dataset", default="folder", choices=DATASETS, help="folder = ImageNet layout")
-    a("--limit", type=int, default=0, help="use only the first N training images (0 = all)")
+    a("--limit", type=int, default=0, help="use N training images, balanced over the classes and drawn with "
+      "--seed (0 = all)")
     a("--image-size", type=int, default=224, help="crop size of the two views")
     a("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet (§3.1: resnet50)")
     a("--blocks", default="1,2,3,4", help="stages per block: 1,2,3,4 (§3.1), 12,3,4 merged B1+B2 (Fig. 7), "
@@ -56,6 +57,8 @@ def get_args(argv=None):
     a("--lr", type=float, default=0.2, help="base learning rate, scaled by batch-size / 256")
     a("--warmup-epochs", type=float, default=10, help="linear warm-up from 0")
     a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on 1-D parameters)")
+    a("--grad-scale", type=float, default=1.0, help="multiply every gradient by this before the LARS step; "
+      "0.0625 reproduces the released 16-process run, whose gradients were 1/16 of the true ones (README)")
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the heads and "
@@ -151,6 +154,11 @@ def train_step(model, y1, y2, labels, loss_fns, active, owners, bf16=False):
     return torch.stack(out)
 
 
+def step_seed(seed, rank, epoch, step):
+    """The seed of the noise (§5) drawn by one rank at one step: a resumed run draws the same noise."""
+    return hash((seed, rank, epoch, step)) & 0xFFFF_FFFF
+
+
 def set_trainable(model, active):
     """Train the blocks in `active`; every other block is frozen, BatchNorm statistics included (§5)."""
     model.train()
@@ -217,7 +225,7 @@ def main(args):
         raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
 
-    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit)
+    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
     model, config, phases = build(args, train_set.num_classes, device, world)
     loss_fns = loss_functions(args, len(model.blocks))
     optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
@@ -272,13 +280,17 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
         lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        torch.manual_seed(hash((args.seed, rank, epoch, i)) & 0xFFFF_FFFF)  # the noise of §5, resumable
+        torch.manual_seed(step_seed(args.seed, rank, epoch, i))  # the noise of §5, resumable
         optimizer.zero_grad(set_to_none=True)  # frozen blocks keep grad None, so LARS skips them
         block_losses = train_step(model, y1, y2, labels, loss_fns, phase, owners, args.bf16)
         if not torch.isfinite(block_losses).all():
             k = phase[int((~torch.isfinite(block_losses)).nonzero()[0])]
             raise Abort(f"loss of block {k + 1} is {block_losses.tolist()[phase.index(k)]} at epoch {epoch + 1} "
                         f"step {i}; stopped, {args.out}/checkpoint.pth holds the last good state")
+        if args.grad_scale != 1:  # the released run's gradient scale (README, "How this differs")
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(args.grad_scale)
         optimizer.step()
         if world > 1:
             broadcast_buffers(model)
