@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import losses
 from blockwise import ARCHS, POOLINGS, BlockResNet
+from cli import Abort, Parser, Ticker, run, setup_distributed
 from data import DATASETS, Seeded, TwoViews, dataset, plain_transform, probe_transforms
-from train import Abort, Parser, run, setup_distributed
 
 
 def get_args(argv=None):
@@ -36,6 +36,8 @@ def get_args(argv=None):
     a("--blocks-to-probe", default="", help="1-based blocks to probe, e.g. 4 (default: all)")
     a("--features", default="head", choices=("head", "trunk"), help="pooling-head output or global average pool")
     a("--fast", action="store_true", help="features extracted once without augmentation and cached; adds kNN")
+    a("--untrained", action="store_true", help="also probe the untrained network of the checkpoint's configuration "
+      "(its initial weights, same seed) and print both, with the difference per block")
     a("--epochs", type=int, default=100, help="released protocol: 100")
     a("--batch-size", type=int, default=256, help="global batch size")
     a("--lr", type=float, default=0.1, help="SGD lr, cosine per epoch (their eval script: 0.1)")
@@ -52,8 +54,9 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_frozen(path, args, device):
-    """Rebuild the network a checkpoint was trained with (without projectors) and freeze it."""
+def load_frozen(path, args, device, untrained=False):
+    """Rebuild the network a checkpoint was trained with (without projectors) and freeze it. `untrained`:
+    the same network as train.py started it, before any step (same seed): the baseline of every accuracy."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
@@ -66,10 +69,12 @@ def load_frozen(path, args, device):
     for key in ("arch", "blocks", "pooling"):
         if getattr(args, key) is not None and getattr(args, key) != cfg[key]:
             raise Abort(f"{path} holds {key} {cfg[key]!r}, not the {getattr(args, key)!r} asked for")
+    torch.manual_seed(ckpt.get("args", {}).get("seed", 0))  # as train.py's build(): projectors are built last
     model = BlockResNet(**cfg)
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("projectors.")}
     try:
-        model.load_state_dict(state)  # strict: a partial load would probe a half-random network
+        if not untrained:
+            model.load_state_dict(state)  # strict: a partial load would probe a half-random network
     except RuntimeError as e:
         raise Abort(f"{path} does not match its own config: {str(e).splitlines()[1].strip()}") from None
     return model.to(device).eval().requires_grad_(False)
@@ -122,14 +127,15 @@ class Probes(nn.Module):
         return [fc(f) for fc, f in zip(self.fcs, feats)]
 
 
-def sgd_epochs(probes, batches, args, average=True):
-    """SGD with momentum 0.9, cosine decay per epoch; `average`: gradients averaged over ranks (each rank
-    holds a share of the batch)."""
+def sgd_epochs(probes, batches, args, steps, average=True):
+    """SGD with momentum 0.9, cosine decay per epoch, `steps` batches an epoch; `average`: gradients averaged
+    over ranks (each rank holds a share of the batch)."""
     opt = torch.optim.SGD(probes.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    tick = Ticker("linear probes", args.epochs * steps, "steps")
     for epoch in range(args.epochs):
         for g in opt.param_groups:
             g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
-        for feats, y in batches(epoch):
+        for i, (feats, y) in enumerate(batches(epoch)):
             loss = sum(F.cross_entropy(logits, y) for logits in probes(feats))
             opt.zero_grad()
             loss.backward()
@@ -138,6 +144,7 @@ def sgd_epochs(probes, batches, args, average=True):
                     dist.all_reduce(p.grad)
                     p.grad /= losses.world_size()
             opt.step()
+            tick(epoch * steps + i + 1, f"epoch {epoch + 1}/{args.epochs}, loss {loss.item():.3f}")
 
 
 @torch.no_grad()
@@ -166,19 +173,32 @@ def gather_strided(t, n):
     return torch.stack(parts, 1).flatten(0, 1)[:n]
 
 
-def cache(model, ds, args, device, probed):
-    """--fast: the probed blocks' features of a whole dataset, extracted once without augmentation. Each
+def cache(model, ds, probed, kind="head", batch_size=256, workers=0):
+    """The probed blocks' features of a whole dataset (--fast, and train.py's monitors), extracted once. Each
     rank extracts every world-th image and all ranks get all features, so what follows is the same on every
     rank and for any number of ranks."""
-    rank, world = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
-    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), args.batch_size,
-                                     num_workers=args.workers)
-    feats, ys = [[] for _ in probed], []
-    for x, y in dl:
-        for i, f in enumerate(block_features(model, x.to(device), args.features, probed)):
+    rank, world, device = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size(), device_of(model)
+    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), batch_size,
+                                     num_workers=workers)
+    feats, ys, tick = [[] for _ in probed], [], Ticker(f"features of {len(ds)} images", len(dl))
+    for n, (x, y) in enumerate(dl):
+        for i, f in enumerate(block_features(model, x.to(device), kind, probed)):
             feats[i].append(f)
         ys.append(y.to(device))
+        tick(n + 1)
     return [gather_strided(torch.cat(f), len(ds)).cpu() for f in feats], gather_strided(torch.cat(ys), len(ds)).cpu()
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def rankme(f, eps=1e-7):
+    """RankMe (Garrido et al., 2023): the effective rank exp(entropy) of the normalised singular values of
+    a feature matrix; low means dimensional collapse, the known failure of deep blocks in blockwise SSL."""
+    s = torch.linalg.svdvals(f.double())
+    p = s / s.sum() + eps
+    return torch.exp(-(p * p.log()).sum()).item()
 
 
 def knn(train_f, train_y, test_f, test_y, k, classes):
@@ -197,7 +217,8 @@ def fast_probe(model, train_ds, val_ds, probed, args, device):
     block), one linear probe per block, plus kNN. Returns the per-block results and the probes with their
     preprocessing, for the corruption pass."""
     val_t = probe_transforms(args.image_size)[1]
-    (tr_f, tr_y), (va_f, va_y) = (cache(model, Seeded(ds, val_t), args, device, probed) for ds in (train_ds, val_ds))
+    (tr_f, tr_y), (va_f, va_y) = (cache(model, Seeded(ds, val_t), probed, args.features, args.batch_size, args.workers)
+                                  for ds in (train_ds, val_ds))
     mean, std = [f.mean(0) for f in tr_f], [f.std(0) + 1e-6 for f in tr_f]
 
     def standardised(fs):
@@ -209,7 +230,7 @@ def fast_probe(model, train_ds, val_ds, probed, args, device):
         for i in range(0, len(order), args.batch_size):
             yield [f[order[i:i + args.batch_size]] for f in tr_n], tr_yd[order[i:i + args.batch_size]]
     probes = new_probes([f.shape[1] for f in tr_f], train_ds.num_classes, args, device)
-    sgd_epochs(probes, batches, args, average=False)
+    sgd_epochs(probes, batches, args, -(-len(tr_y) // args.batch_size), average=False)
     acc = accuracy(probes, (([f[i:i + 1024] for f in va_n], va_yd[i:i + 1024]) for i in range(0, len(va_y), 1024)),
                    reduce=False)
     blocks = [dict(block=k + 1, **a, knn=knn(f, tr_y, v, va_y, args.knn, train_ds.num_classes))
@@ -230,7 +251,8 @@ def full_probe(model, train_ds, val_ds, probed, args, device):
             yield block_features(model, x.to(device), args.features, probed), y.to(device)
     dims = [f.shape[1] for f in next(batches(val_ds, val_t, False))[0]]
     probes = new_probes(dims, train_ds.num_classes, args, device)
-    sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args)
+    steps = -(-len(train_ds) // (local_bs * losses.world_size()))
+    sgd_epochs(probes, lambda epoch: batches(train_ds, train_t, True, epoch), args, steps)
     blocks = [dict(block=k + 1, **a) for k, a in zip(probed, accuracy(probes, batches(val_ds, val_t, False)))]
     return blocks, probes, lambda fs: fs
 
@@ -291,13 +313,19 @@ def diagnostics(model, ds, args, device, batches=4):
 
 
 def report(results, path):
-    """probe.json, a table on stdout and, when matplotlib is installed, accuracy vs depth."""
+    """probe.json, a table on stdout (with the untrained network beside, if probed) and, when matplotlib is
+    installed, accuracy vs depth."""
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"{'block':>5} {'top-1':>7} {'top-5':>7}" + (f" {'kNN':>7}" if "knn" in results["blocks"][0] else ""))
+    metrics = [m for m in ("top1", "top5", "knn") if m in results["blocks"][0]]
+    base = {b["block"]: b for b in results.get("untrained", [])}
+    cols = [f"{m} {w}" for m in metrics for w in (("trained", "untrained", "diff") if base else ("",))]
+    print("block " + " ".join(f"{c.strip():>15}" for c in cols))
     for b in results["blocks"]:
-        print(f"{b['block']:>5} {b['top1']:7.2f} {b['top5']:7.2f}" + (f" {b['knn']:7.2f}" if "knn" in b else ""))
+        row = [v for m in metrics for v in ((b[m], base[b["block"]][m], b[m] - base[b["block"]][m]) if base
+                                             else (b[m],))]
+        print(f"{b['block']:>5} " + " ".join(f"{v:15.2f}" for v in row))
     if "corruptions" in results:
         print(f"corruptions: mean error {results['corruption_mean_error']:.2f} "
               f"(block {results['blocks'][-1]['block']})")
@@ -307,10 +335,14 @@ def report(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    plt.plot([b["block"] for b in results["blocks"]], [b["top1"] for b in results["blocks"]], "o-")
+    for name, blocks in (("trained", results["blocks"]), ("untrained", results.get("untrained", []))):
+        if blocks:
+            plt.plot([b["block"] for b in blocks], [b["top1"] for b in blocks], "o-", label=name)
     plt.xlabel("block")
     plt.ylabel("linear probe top-1 (%)")
+    plt.legend()
     plt.savefig(path.replace(".json", ".png"), dpi=120)
+    plt.close()
 
 
 def main(args):
@@ -324,6 +356,9 @@ def main(args):
     protocol = fast_probe if args.fast else full_probe
     blocks, probes, preprocess = protocol(model, train_ds, val_ds, probed, args, device)
     results = dict(checkpoint=args.checkpoint, features=args.features, fast=args.fast, blocks=blocks)
+    if args.untrained:
+        untrained = load_frozen(args.checkpoint, args, device, untrained=True)
+        results["untrained"] = protocol(untrained, train_ds, val_ds, probed, args, device)[0]
     if args.corruptions:
         results.update(corruption_errors(model, probes, preprocess, probed, args, device))
     if args.diagnostics:

@@ -554,6 +554,11 @@ def run_train(data, out, *extra):
     return args
 
 
+def step_log(out, key="loss"):
+    """The entries of a run's log.jsonl that have `key`: "loss" for the training steps, "monitor" for the monitors."""
+    return [e for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if key in e]
+
+
 def weights(out):
     return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
 
@@ -593,7 +598,7 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
 def test_every_variant_trains(tmp_path, extra):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
-    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    log = step_log(tmp_path / "out")
     assert all(math.isfinite(v) for entry in log for v in entry["loss"])
     if "sequential" in extra:  # block 2 starts its own schedule once block 1 is done (§3.1)
         assert [e["blocks"] for e in log] == [[1], [1], [2], [2]]
@@ -608,7 +613,7 @@ def test_second_epoch_draws_new_views_and_noise(tmp_path):
     data = image_folder(tmp_path / "data", per_class=4)
     argv = ["--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", "--lr", "0"]
     train.main(train.get_args([*argv, "--out", str(tmp_path / "out")]))
-    logged = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "log.jsonl")]
+    logged = [e["loss"] for e in step_log(tmp_path / "out")]
     args = train.get_args(argv)
     ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
     ds.epoch = 1
@@ -643,7 +648,7 @@ def test_compiled_heads_train_like_eager_ones(tmp_path):
     data = image_folder(tmp_path / "data")
     for flag in ("--compile", "--no-compile"):
         run_train(data, tmp_path / flag, "--epochs", "1", "--batch-size", "8", flag)
-    logs = [[json.loads(line)["loss"] for line in open(tmp_path / flag / "log.jsonl")] for flag in ("--compile", "--no-compile")]
+    logs = [[e["loss"] for e in step_log(tmp_path / flag)] for flag in ("--compile", "--no-compile")]
     assert np.allclose(*logs, rtol=1e-3)
     assert weights(tmp_path / "--compile")["model"].keys() == weights(tmp_path / "--no-compile")["model"].keys()
 
@@ -670,7 +675,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks hold identical weights" in r.stdout
-    logged = json.loads(open(out / "log.jsonl").readline())["loss"]
+    logged = step_log(out)[0]["loss"]
 
     args = train.get_args(["--data", data, *SMALL, "--batch-size", "8"])
     ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
@@ -696,6 +701,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     got = weights(out)["model"]
     for name, p in model.named_parameters():
         assert torch.allclose(p, got[name], rtol=1e-4, atol=1e-6), name
+    # The monitors after the epoch, from features gathered over both ranks = one process on the final weights
+    logged = step_log(out, "monitor")[0]["monitor"]
+    final = probe.load_frozen(str(out / "checkpoint.pth"), probe.get_args(["x"]), torch.device("cpu"))
+    found = train.monitors(final, train.monitor_sets(args), 2, args)
+    assert np.allclose(found["knn"], logged["knn"]) and np.allclose(found["rankme"], logged["rankme"], rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -842,7 +852,7 @@ def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, 
     ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
     batches = lambda epoch: ((probe.block_features(model, x, "head", [0, 3]), y)  # noqa: E731
                              for x, y in torch.utils.data.DataLoader(ds, 8))
-    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data))
+    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data), 2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
 
 
@@ -871,13 +881,21 @@ def test_probe_is_the_same_in_one_and_two_processes(trained, tmp_path):
         assert np.allclose(a["on_q10_50_90"] + a["off_q10_50_90"], b["on_q10_50_90"] + b["off_q10_50_90"], atol=1e-5)
 
 
+def test_rankme_counts_the_directions_used():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2000, 8, generator=g)
+    assert 7.5 < probe.rankme(spread) <= 8
+    collapsed = torch.randn(2000, 1, generator=g) @ torch.randn(1, 8, generator=g) + 1e-4 * spread
+    assert probe.rankme(collapsed) < 1.1
+
+
 def test_probe_learns_linearly_separable_features():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (600,), generator=g)
     f = torch.randn(600, 16, generator=g) + 4 * F.one_hot(y, 16).float()
     probes = probe.Probes([16], 3)
     args = probe.get_args(["x", "--epochs", "20", "--lr", "0.1"])
-    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args)
+    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args, 12)
     assert probe.accuracy(probes, [([f], y)])[0]["top1"] > 95
     assert probe.knn(f[:500], y[:500], f[500:], y[500:], 10, 3) > 95
 

@@ -12,16 +12,17 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 import losses
+import probe
 import recompute
 from blockwise import ARCHS, POOLINGS, BlockResNet
-from data import DATASETS, Seeded, TwoViews, dataset
+from cli import STOP, Abort, Parser, clock, run, setup_distributed
+from data import DATASETS, Seeded, TwoViews, dataset, probe_transforms
 
 
 def get_args(argv=None):
@@ -57,6 +58,8 @@ def get_args(argv=None):
     a("--lr", type=float, default=0.2, help="base learning rate, scaled by batch-size / 256")
     a("--warmup-epochs", type=float, default=10, help="linear warm-up from 0")
     a("--weight-decay", type=float, default=1e-6, help="LARS weight decay (not on 1-D parameters)")
+    a("--lars-eta", type=float, default=0.001, help="LARS trust coefficient: a step moves a weight by about lr x eta "
+      "of its norm. 0.001 suits ImageNet's 187k steps; short runs need more (README, small-scale protocol)")
     a("--grad-scale", type=float, default=1.0, help="multiply every gradient by this before the LARS step; "
       "0.0625 reproduces the released 16-process run, whose gradients were 1/16 of the true ones (README)")
     a("--bf16", action="store_true", help="bfloat16 autocast (losses stay fp32)")
@@ -70,6 +73,10 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
     a("--print-freq", type=int, default=50, help="steps between progress lines")
+    a("--monitor-every", type=int, default=1, help="epochs between the online monitors (kNN top-1 and RankMe of "
+      "every block on held-out images, README); 0 = off")
+    a("--monitor-images", type=int, default=10000, help="images in the monitors' kNN bank (from the training "
+      "set) and in their held-out set (from val/ or the test split), each balanced over the classes")
     return p.parse_args(argv)
 
 
@@ -228,7 +235,7 @@ def main(args):
     train_set = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
     model, config, phases = build(args, train_set.num_classes, device, world)
     loss_fns = loss_functions(args, len(model.blocks))
-    optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay)
+    optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay, eta=args.lars_eta)
     start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world)
 
     data = Seeded(train_set, TwoViews(args.image_size), args.seed)
@@ -237,6 +244,7 @@ def main(args):
     if steps == 0:
         raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
     epochs = args.epochs * len(phases)  # sequential mode: --epochs for each block in turn
+    monitored = monitor_sets(args)
     signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
     if rank == 0:
         print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
@@ -256,6 +264,8 @@ def main(args):
             if rank == 0:
                 print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {stopped}; rerun to resume", flush=True)
             return
+        if monitored and (epoch + 1) % args.monitor_every == 0:
+            log_monitors(epoch, monitors(model, monitored, train_set.num_classes, args), args)
     same = check_replicas(model) if world > 1 else None
     if rank == 0:
         if same:
@@ -309,6 +319,40 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
         if stop:
             return i + 1
     return None
+
+
+def monitor_sets(args):
+    """The monitors' data, without augmentation: a bank of training images and held-out labelled images."""
+    if not args.monitor_every:
+        return None
+    try:
+        held_out = dataset(args.dataset, args.data, train=False, limit=args.monitor_images, seed=args.seed)
+    except FileNotFoundError:
+        print(f"no held-out images in --data {args.data} (val/): monitors off", flush=True)
+        return None
+    bank = dataset(args.dataset, args.data, train=True, limit=args.monitor_images, seed=args.seed)
+    plain = probe_transforms(args.image_size)[1]
+    return Seeded(bank, plain, args.seed), Seeded(held_out, plain, args.seed)
+
+
+def monitors(model, sets, classes, args):
+    """Online monitors: per block, the 20-NN top-1 of the held-out images against the bank (head features)
+    and the RankMe of the held-out features (collapse shows as a low effective rank). Features are gathered
+    from all ranks, so every rank computes the same numbers."""
+    model.eval()  # the next epoch's set_trainable() puts every block back as it was
+    probed, batch = list(range(len(model.blocks))), max(1, args.batch_size // losses.world_size())
+    (bank_f, bank_y), (f, y) = (probe.cache(model, ds, probed, "head", batch, args.workers) for ds in sets)
+    return dict(knn=[probe.knn(b, bank_y, h, y, 20, classes) for b, h in zip(bank_f, f)],
+                rankme=[probe.rankme(h) for h in f])
+
+
+def log_monitors(epoch, found, args):
+    if dist.is_initialized() and dist.get_rank():
+        return
+    print(f"monitors after epoch {epoch + 1}: kNN top-1 per block " + " ".join(f"{v:.2f}" for v in found["knn"]) +
+          " | RankMe per block " + " ".join(f"{v:.1f}" for v in found["rankme"]), flush=True)
+    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(dict(epoch=epoch, monitor=found)) + "\n")
 
 
 def build(args, num_classes, device, world):
@@ -417,60 +461,8 @@ def check_replicas(model):
 
 def progress(log, epoch, epochs, step, steps, eta_s):
     losses_txt = " ".join(f"{v:.4g}" for v in log["loss"])
-    eta = f"{int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m{int(eta_s % 60):02d}s"
     return (f"epoch {epoch + 1}/{epochs} step {step}/{steps} | lr {log['lr']:.4g} | loss per block "
-            f"{losses_txt} | {log['img_per_s']:.1f} img/s | ETA {eta}")
-
-
-# ---------------------------------------------------------------- command line and processes (shared with probe.py)
-
-class Abort(Exception):
-    """A bad input or a failed run, reported as one line without a traceback."""
-
-
-STOP = []  # set by SIGTERM: save at the end of the current step and exit
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the usage of ~35 flags would bury the message)."""
-
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
-
-
-def one_line(e):
-    """The message of an error, without the worker traceback that DataLoader wraps around it."""
-    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return line.split(": ", 1)[1] if line.split(":")[0].endswith("Error") else line
-
-
-def run(main, argv, prog):
-    """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr
-    (from rank 0 only) and exit code 2."""
-    try:
-        main(argv)
-    except (Abort, ValueError, OSError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            f"{losses_txt} | {log['img_per_s']:.1f} img/s | ETA {clock(eta_s)}")
 
 
 if __name__ == "__main__":
