@@ -20,11 +20,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import losses
 import recompute
 import train
@@ -58,6 +60,13 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=8, help="images per view per step")
     a("--projector", default="2048-2048-2048")
     a("--pooling", default="cbe")
+    a("--head-dim", type=int, default=2048)
+    a("--loop", action="store_true", help="time the whole training loop instead (train.py: data loading, workers, "
+      "two-view augmentation, step) beside the step alone and the augmentation alone")
+    a("--dataset", default="fake", help="--loop: a dataset of train.py (fake = generated 500x375 JPEGs)")
+    a("--data", default="./data", help="--loop: its root")
+    a("--workers", type=int, default=min(8, os.cpu_count()), help="--loop: data-loading processes")
+    a("--loop-steps", type=int, default=20, help="--loop: steps timed, after 3 warm-up steps")
     a("--steps", type=int, default=3, help="timed steps after one warm-up step")
     a("--configs", default="", help=f"'all' or a comma list from: {', '.join(CONFIGS)}. Default on GPU: all; "
       f"on CPU (about 7 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
@@ -74,7 +83,8 @@ def setup(args, schedule, opt):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = [int(w) for w in args.projector.split("-")]
     model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
-                        noise=0.0 if schedule == "e2e" else 0.25, projector_widths=widths).to(device).train()
+                        head_dim=args.head_dim, noise=0.0 if schedule == "e2e" else 0.25,
+                        projector_widths=widths).to(device).train()
     recompute.apply(model, opt.get("recompute", "none"))
     fmt = torch.channels_last if opt.get("channels_last") else torch.contiguous_format
     model.to(memory_format=fmt)
@@ -171,7 +181,7 @@ def matmul_peak(dtype, seconds=1.0):
 def measure(args, name):
     """Time one configuration in a fresh process; on CPU measure its memory in another."""
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("json", "worker", "configs", "worker_memory")] + ["--worker", name]
+            if k not in ("json", "worker", "configs", "worker_memory", "loop")] + ["--worker", name]
     runs = [([], {})]
     if not torch.cuda.is_available():
         runs.append((["--worker-memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"}))
@@ -227,9 +237,49 @@ def main(args):
             json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows), f, indent=1)
 
 
+def augmentation_rate(args, images=64):
+    """Two views of one image per call, in this process on one core: images/s per core."""
+    torch.set_num_threads(1)
+    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size))
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(1, images + 1):
+        ds[i % len(ds)]
+    return images / (time.perf_counter() - t0)
+
+
+def loop_rate(args, warm=3):
+    """train.py itself for warm + --loop-steps steps: images/s over the steps after the warm-up."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "train.py", "--dataset", args.dataset, "--data", args.data, "--arch", args.arch,
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--projector",
+               args.projector, "--head-dim", str(args.head_dim), "--pooling", args.pooling, "--workers",
+               str(args.workers), "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1", "--monitor-every",
+               "0", "--limit", str((warm + args.loop_steps) * args.batch_size), "--out", out]
+        r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"bench.py: error: the loop failed: {r.stderr.strip().splitlines()[-1]}")
+        t = [e["time"] for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "time" in e]
+    return (len(t) - warm) * args.batch_size / (t[-1] - t[warm - 1])
+
+
+def loop(args):
+    """The loop a user runs against what it is made of: is the data pipeline the limit?"""
+    aug = augmentation_rate(args)
+    torch.set_num_threads(os.cpu_count())
+    step = measure(args, "ours fp32 compile")["img_per_s"]
+    whole = loop_rate(args)
+    print(f"two-view augmentation: {aug:.1f} images/s per core ({args.image_size} px, {args.dataset})")
+    print(f"training step alone: {step:.1f} images/s; whole loop ({args.workers} workers): {whole:.1f} images/s "
+          f"= {whole / step:.2f} x the step; the step needs {step / aug:.1f} cores of augmentation")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), aug_per_core=aug, step=step, loop=whole), f, indent=1)
+
+
 if __name__ == "__main__":
     args = get_args()
     if args.worker:
         print(json.dumps(worker(args, args.worker)))
     else:
-        main(args)
+        loop(args) if args.loop else main(args)

@@ -1,6 +1,11 @@
 """What train.py and probe.py share that is not the method: one-line errors, argparse, processes, progress."""
 import argparse
+import datetime
+import fcntl
+import multiprocessing
 import os
+import signal
+import socket
 import sys
 import time
 
@@ -14,7 +19,24 @@ class Abort(Exception):
     """A bad input or a failed run, reported as one line without a traceback."""
 
 
-STOP = []  # set by SIGTERM: save at the end of the current step and exit
+STOP = []  # set by SIGTERM or a first Ctrl-C: save at the end of the current step and exit
+
+
+def stop_on_signals():
+    """SIGTERM (preemption, scancel) or a first Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits."""
+    def handler(signum, frame):
+        if signum == signal.SIGINT and STOP:
+            raise KeyboardInterrupt
+        STOP.append(signum)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def quiet_worker(_):
+    """DataLoader workers ignore SIGTERM and SIGINT: Slurm and Ctrl-C signal the whole process group, and a
+    worker that dies first would kill the main process before it saves. Workers exit with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,36 +49,81 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def setup_distributed():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU."""
+def setup_distributed(timeout_min=10.0):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU.
+    A collective that waits longer than `timeout_min` for another process fails (one line, see `run`)."""
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=timeout_min))
     return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
 
 
 def one_line(e):
     """The message of an error, without the worker traceback that DataLoader wraps around it."""
     line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return line.split(": ", 1)[1] if line.split(":")[0].endswith("Error") else line
+    head, sep, rest = line.partition(": ")
+    return rest if sep and head.endswith("Error") else line
 
 
 def run(main, argv, prog):
-    """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr
-    (from rank 0 only) and exit code 2."""
+    """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr and exit
+    code 2; under torchrun every failing rank says so, naming itself, and the other ranks stop too."""
+    who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    message, code = None, 0
     try:
         main(argv)
     except (Abort, ValueError, OSError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        message, code = f"{prog}: error: {who}{one_line(e)}", 2
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise  # a bug: keep its traceback
+        message, code = (f"{prog}: error: {who}stopped: another process failed or did not answer within "
+                         f"--timeout ({one_line(e)[:200]})"), 2
+    except KeyboardInterrupt:
+        message, code = f"{prog}: {who}interrupted (a second Ctrl-C); the last checkpoint is kept", 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for child in multiprocessing.active_children():  # data-loading workers ignore SIGTERM (quiet_worker),
+            child.kill()  # so multiprocessing's exit, which sends them SIGTERM and waits, would wait forever
+            child.join()
+    if code:
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+def peer_failure(e):
+    """Whether an error is a collective that failed because another process failed, stalled or vanished."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "Timed out", "Connection"))
+
+
+class FolderLock:
+    """One run per output folder: an exclusive lock on OUT/.lock, which names its holder, for the run's life."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        self.file = open(self.path, "a+")
+        try:  # a POSIX lock: not inherited by the data-loading workers that fork from this process
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            raise Abort(f"--out {folder} is in use by {holder}; wait for it or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
 
 
 def rank():

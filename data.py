@@ -1,13 +1,17 @@
 """Data: Barlow Twins' two-view augmentations (used unchanged by the paper) and the datasets."""
 import gzip
+import math
 import os
 import shutil
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter, ImageOps
 
-DATASETS = ("folder", "cifar10", "fashion-mnist")
+DATASETS = ("folder", "cifar10", "fashion-mnist", "fake")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 
@@ -16,32 +20,85 @@ def to_rgb(img):
     return img.convert("RGB")  # Fashion-MNIST is grey; the ResNet stem wants 3 channels
 
 
-def view(size, blur_p, solarize_p):
-    """One view of Barlow Twins' augmentations (README, "How this differs"). The blur kernel is ~10% of the
-    image (23 px at 224), as Barlow Twins."""
-    kernel = int(0.1 * size) // 2 * 2 + 1
-    return T.Compose([
-        to_rgb,
-        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-        T.RandomSolarize(128, p=solarize_p),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def draw_view(blur_p, solarize_p):
+    """The random choices of one view after its crop (Barlow Twins, README's table), drawn from torch's RNG:
+    flip p 0.5; colour jitter p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random
+    order, as torchvision's ColorJitter); grayscale p 0.2; blur with sigma in [0.1, 2] with p `blur_p`;
+    solarize with p `solarize_p`."""
+    u = lambda a, b: torch.empty(1).uniform_(a, b).item()  # noqa: E731
+    p = dict(flip=torch.rand(1).item() < 0.5, jitter=None, gray=False, sigma=None, solarize=False)
+    if torch.rand(1).item() < 0.8:
+        p["jitter"] = (torch.randperm(4).tolist(), u(0.6, 1.4), u(0.6, 1.4), u(0.8, 1.2), u(-0.1, 0.1))
+    p["gray"] = torch.rand(1).item() < 0.2
+    if torch.rand(1).item() < blur_p:
+        p["sigma"] = u(0.1, 2.0)
+    p["solarize"] = torch.rand(1).item() < solarize_p
+    return p
+
+
+def shift_hue(img, hue):
+    """torchvision's adjust_hue on a PIL image (HSV, hue rotated by hue x 255 mod 256), with a lookup table."""
+    h, s, v = img.convert("HSV").split()
+    shift = int(np.uint8(np.float32(hue * 255)))  # as torchvision: np.uint8(hue_factor * 255)
+    return Image.merge("HSV", (h.point([(i + shift) % 256 for i in range(256)]), s, v)).convert("RGB")
+
+
+JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, shift_hue)
+
+
+def apply_view(img, p):
+    """One view's choices `p` (draw_view) on a cropped RGB PIL image; returns a uint8 C x H x W tensor."""
+    if p["flip"]:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if p["jitter"]:
+        order, *factors = p["jitter"]
+        for k in order:
+            img = JITTER[k](img, factors[k])
+    if p["gray"]:
+        img = img.convert("L").convert("RGB")
+    if p["sigma"] is not None:  # PIL's blur, as Barlow Twins; torchvision's is 5x slower on an image
+        img = img.filter(ImageFilter.GaussianBlur(radius=p["sigma"]))
+    if p["solarize"]:
+        img = ImageOps.solarize(img, 128)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode(img, boxes, size):
+    """Decode `img` (opened, maybe not read yet) at the smallest JPEG scale (1/2, 1/4, 1/8: draft mode) at
+    which every crop box still has `size` pixels a side; returns it as RGB with the boxes rescaled."""
+    full = img.size
+    if getattr(img, "format", None) == "JPEG":  # a no-op once the image is read
+        reduce = min(min(h, w) for _, _, h, w in boxes) / size  # how far the smallest crop is downscaled
+        img.draft("RGB", (int(img.width / reduce), int(img.height / reduce)))
+    try:
+        img = img.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"unreadable image {getattr(img, 'filename', '')}: {e}") from None
+    f = 1 / 2 ** round(math.log2(full[0] / img.width))  # JPEG decodes at 1, 1/2, 1/4 or 1/8 of its size
+    return img, [(j * f, i * f, (j + w) * f, (i + h) * f) for i, j, h, w in boxes]
 
 
 class TwoViews:
-    """Barlow Twins' asymmetric pair: view A always blurred and never solarized, view B blurred with
-    p 0.1 and solarized with p 0.2."""
+    """Barlow Twins' asymmetric pair (README's table): view A always blurred and never solarized, view B
+    blurred with p 0.1 and solarized with p 0.2. Both crops are drawn first, so that the image is decoded
+    once, at the smallest scale both allow. Returns two uint8 tensors: `normalize` them on the device."""
 
-    def __init__(self, size=224):
-        self.a, self.b = view(size, blur_p=1.0, solarize_p=0.0), view(size, blur_p=0.1, solarize_p=0.2)
+    def __init__(self, size=224, min_scale=0.08):
+        self.size, self.scale, self.ratio = size, (min_scale, 1.0), (3 / 4, 4 / 3)
+        self.views = (dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2))
 
     def __call__(self, img):
-        return self.a(img), self.b(img)
+        boxes = [T.RandomResizedCrop.get_params(img, self.scale, self.ratio) for _ in self.views]
+        img, boxes = decode(img, boxes, self.size)
+        crops = [img.resize((self.size, self.size), Image.BICUBIC, box=box) for box in boxes]
+        return tuple(apply_view(crop, draw_view(**v)) for crop, v in zip(crops, self.views))
+
+
+def normalize(x):
+    """uint8 images (B x 3 x H x W) -> float, normalised with ImageNet's mean and std, on x's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
 
 
 def probe_transforms(size=224):
@@ -59,6 +116,42 @@ def plain_transform():
     return T.Compose([to_rgb, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def load_image(path):
+    """PIL's loader, with a one-line error naming the file, and 16-bit images scaled to 8 bits (converted
+    as they are, they would saturate to white). Float images are refused. A JPEG is only opened here."""
+    try:
+        img = Image.open(path)
+        if img.format != "JPEG":  # a JPEG is read later, by TwoViews, at the scale its crops need
+            img.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"unreadable image {path}: {e}") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"unsupported image {path}: {img.mode} values outside 0-65535")
+        img = Image.fromarray((a >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError(f"unsupported image {path}: floating-point pixels; save it with 8 or 16 bits")
+    return img
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder, reading with `load_image` and counting each file once, even when symbolic
+    links reach it twice (a link loop would otherwise repeat a class some 40 times)."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform, loader=load_image)
+
+    @staticmethod
+    def make_dataset(*args, **kwargs):
+        seen, samples = set(), []
+        for path, label in torchvision.datasets.ImageFolder.make_dataset(*args, **kwargs):
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                samples.append((path, label))
+        return samples
+
+
 class Seeded(torch.utils.data.Dataset):
     """Draws sample i's augmentations from a generator seeded by (seed, epoch, i), so a run's data is
     the same whatever the number of workers or ranks, and after a resume in the middle of an epoch."""
@@ -70,19 +163,9 @@ class Seeded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        try:
-            img, label = self.dataset[i]
-        except OSError as e:  # a corrupt or unreadable file stops the run, naming it (README)
-            raise ValueError(f"unreadable image #{i} {image_path(self.dataset, i)}: {e}") from None
+        img, label = self.dataset[i]  # a corrupt or unreadable file stops the run, naming it (load_image)
         torch.manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)  # transforms draw from torch's RNG
         return self.transform(img), label
-
-
-def image_path(ds, i):
-    """The file behind sample i of an ImageFolder, possibly inside a Subset ('' if there is none)."""
-    if isinstance(ds, torch.utils.data.Subset):
-        return image_path(ds.dataset, ds.indices[i])
-    return ds.samples[i][0] if hasattr(ds, "samples") else ""
 
 
 def fashion_mnist_root(root):
@@ -111,15 +194,37 @@ def balanced_subset(targets, limit, seed=0):
     return keys.argsort()[:limit].sort().values.tolist()  # round robin: 1st of each class, 2nd of each, ...
 
 
+def fake_root(root, classes=10, per_class=(100, 10), size=(500, 375)):
+    """--dataset fake: JPEGs of a typical ImageNet size, generated once into root/fake/{train,val} (smooth
+    random colours plus grain, 10 classes), to smoke-test and benchmark the loop without a dataset."""
+    path = os.path.join(root, "fake")
+    if not os.path.isdir(path):
+        rng, part = np.random.default_rng(0), f"{path}.{os.getpid()}.part"
+        for split, n in zip(("train", "val"), per_class):
+            for c in range(classes):
+                os.makedirs(os.path.join(part, split, f"class{c}"))
+                for i in range(n):
+                    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+                    smooth = smooth.resize(size, Image.BICUBIC)
+                    grain = rng.normal(0, 12, (size[1], size[0], 3))
+                    img = Image.fromarray(np.clip(np.asarray(smooth) + grain, 0, 255).astype(np.uint8))
+                    img.save(os.path.join(part, split, f"class{c}", f"{i}.jpg"), quality=90)
+        try:
+            os.rename(part, path)
+        except OSError:  # another process made it first
+            shutil.rmtree(part)
+    return path
+
+
 def dataset(name, root, train=True, limit=0, seed=0):
     """Returns an (image, label) dataset; `limit` keeps N images, balanced over the classes (quick runs).
     folder: root/train and root/val in the ImageNet layout. cifar10 / fashion-mnist: torchvision's,
     downloaded into root when missing (Fashion-MNIST is taken from Debian's package when present)."""
-    if name == "folder":
-        path = os.path.join(root, "train" if train else "val")
+    if name in ("folder", "fake"):
+        path = os.path.join(fake_root(root) if name == "fake" else root, "train" if train else "val")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--data {root}: no {'train' if train else 'val'}/ folder (ImageNet layout)")
-        ds = torchvision.datasets.ImageFolder(path)  # raises FileNotFoundError when it holds no images
+        ds = ImageFolder(path)  # raises FileNotFoundError when it holds no images
     elif name in ("cifar10", "fashion-mnist"):
         try:
             if name == "cifar10":

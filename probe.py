@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import losses
 from blockwise import ARCHS, POOLINGS, BlockResNet
-from cli import Abort, Parser, Ticker, run, setup_distributed
-from data import DATASETS, Seeded, TwoViews, dataset, plain_transform, probe_transforms
+from cli import Abort, Parser, Ticker, one_line, quiet_worker, run, setup_distributed
+from data import DATASETS, ImageFolder, Seeded, TwoViews, dataset, normalize, plain_transform, probe_transforms
 
 
 def get_args(argv=None):
@@ -50,6 +50,7 @@ def get_args(argv=None):
     a("--pooling", choices=POOLINGS, help="expected pooling head (checked against the checkpoint)")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0)
+    a("--timeout", type=float, default=10.0, help="minutes a process waits for the others before stopping")
     a("--out", default="", help="directory for probe.json (default: the checkpoint's)")
     return p.parse_args(argv)
 
@@ -59,8 +60,8 @@ def load_frozen(path, args, device, untrained=False):
     the same network as train.py started it, before any step (same seed): the baseline of every accuracy."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise Abort(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # missing, empty, truncated, or not a torch file
+        raise Abort(f"cannot read checkpoint {path}: {one_line(e)[:200]}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt:
         raise Abort(f"{path} is not a train.py checkpoint (no model config in it)")
     cfg = dict(ckpt["config"], projector_widths=None)
@@ -110,7 +111,8 @@ def loader(ds, batch, args, shuffle):
     """This rank's share of a dataset; shuffled, the global batches are the same for any number of ranks."""
     rank, world = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=shuffle, seed=args.seed)
-    return torch.utils.data.DataLoader(ds, batch, sampler=sampler, num_workers=args.workers), sampler
+    return torch.utils.data.DataLoader(ds, batch, sampler=sampler, num_workers=args.workers,
+                                       worker_init_fn=quiet_worker), sampler
 
 
 class Probes(nn.Module):
@@ -179,7 +181,7 @@ def cache(model, ds, probed, kind="head", batch_size=256, workers=0):
     rank and for any number of ranks."""
     rank, world, device = (dist.get_rank() if dist.is_initialized() else 0), losses.world_size(), device_of(model)
     dl = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), batch_size,
-                                     num_workers=workers)
+                                     num_workers=workers, worker_init_fn=quiet_worker)
     feats, ys, tick = [[] for _ in probed], [], Ticker(f"features of {len(ds)} images", len(dl))
     for n, (x, y) in enumerate(dl):
         for i, f in enumerate(block_features(model, x.to(device), kind, probed)):
@@ -265,14 +267,13 @@ def new_probes(dims, classes, args, device):
 def corruption_sets(root):
     """Walk an ImageNet-C style tree: root/<corruption>/<severity>/<class>/<image>. App. C: the images are
     the benchmark's 224 px already, so they are fed as they are, only normalised (no resize, no crop)."""
-    import torchvision
     if not os.path.isdir(root):
         raise Abort(f"--corruptions {root} is not a directory")
-    for corruption in sorted(os.listdir(root)):
+    for corruption in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
         for severity in sorted(os.listdir(os.path.join(root, corruption))):
             path = os.path.join(root, corruption, severity)
             if os.path.isdir(path):
-                yield corruption, severity, torchvision.datasets.ImageFolder(path, plain_transform())
+                yield corruption, severity, ImageFolder(path, plain_transform())
 
 
 def corruption_errors(model, probes, preprocess, probed, args, device):
@@ -299,7 +300,8 @@ def diagnostics(model, ds, args, device, batches=4):
     dl, _ = loader(ds, max(1, args.batch_size // losses.world_size()), args, shuffle=True)
     n, per_stage = min(batches, len(dl)), [0] * 4
     for i, ((y1, y2), _) in zip(range(n), dl):
-        for s, (a, b) in enumerate(zip(stage_features(model, y1.to(device)), stage_features(model, y2.to(device)))):
+        f1, f2 = (stage_features(model, normalize(y.to(device))) for y in (y1, y2))
+        for s, (a, b) in enumerate(zip(f1, f2)):
             c = losses.all_reduce(losses.standardize(a).T @ losses.standardize(b)) / (len(a) * losses.world_size())
             per_stage[s] = per_stage[s] + c / n
     out = []
@@ -313,11 +315,8 @@ def diagnostics(model, ds, args, device, batches=4):
 
 
 def report(results, path):
-    """probe.json, a table on stdout (with the untrained network beside, if probed) and, when matplotlib is
-    installed, accuracy vs depth."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """A table on stdout (with the untrained network beside, if probed) and, when matplotlib is installed,
+    accuracy vs depth next to probe.json."""
     metrics = [m for m in ("top1", "top5", "knn") if m in results["blocks"][0]]
     base = {b["block"]: b for b in results.get("untrained", [])}
     cols = [f"{m} {w}" for m in metrics for w in (("trained", "untrained", "diff") if base else ("",))]
@@ -345,8 +344,20 @@ def report(results, path):
     plt.close()
 
 
+def check_args(args):
+    """Flags that cannot make a probe, refused before anything runs, naming the flag."""
+    for name, ok in (("epochs", args.epochs >= 1), ("batch_size", args.batch_size >= 1), ("knn", args.knn >= 1),
+                     ("workers", args.workers >= 0), ("limit", args.limit >= 0), ("lr", args.lr > 0),
+                     ("image_size", args.image_size >= 1), ("timeout", args.timeout > 0)):
+        if not ok:
+            raise Abort(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range")
+    if args.corruptions and not any(ds for _, _, ds in corruption_sets(args.corruptions)):
+        raise Abort(f"--corruptions {args.corruptions}: no <corruption>/<severity>/<class>/<image> inside")
+
+
 def main(args):
-    device, rank, world = setup_distributed()
+    check_args(args)
+    device, rank, world = setup_distributed(args.timeout)
     model = load_frozen(args.checkpoint, args, device)
     probed = [int(k) - 1 for k in args.blocks_to_probe.split(",") if k] or list(range(len(model.blocks)))
     if not set(probed) <= set(range(len(model.blocks))):
@@ -359,16 +370,25 @@ def main(args):
     if args.untrained:
         untrained = load_frozen(args.checkpoint, args, device, untrained=True)
         results["untrained"] = protocol(untrained, train_ds, val_ds, probed, args, device)[0]
+    out = os.path.join(args.out or os.path.dirname(os.path.abspath(args.checkpoint)), "probe.json")
+    if rank == 0 and (args.corruptions or args.diagnostics):  # the probe's result is safe before the extra passes
+        save_json(results, out)
     if args.corruptions:
         results.update(corruption_errors(model, probes, preprocess, probed, args, device))
     if args.diagnostics:
         two_views = Seeded(train_ds, TwoViews(args.image_size), args.seed)
         results["diagnostics"] = diagnostics(model, two_views, args, device)
     if rank == 0:
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        os.makedirs(out, exist_ok=True)
-        report(results, os.path.join(out, "probe.json"))
+        save_json(results, out)
+        report(results, out)
     return results
+
+
+def save_json(results, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Run under torchrun, this file is also the worker of the distributed tests (see `dist_worker`).
 """
+import contextlib
 import copy
+import fnmatch
 import functools
 import json
 import math
@@ -17,14 +19,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 
+import cli
 import losses
 import probe
 import recompute
 import train
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
-from data import balanced_subset
+from data import apply_view, balanced_subset, decode, draw_view, load_image, shift_hue
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -472,19 +475,50 @@ def test_learning_rate_schedule():
 
 # ---------------------------------------------------------------- data (data.py) and defaults
 
-def blur_and_solarize(view):
-    """The probabilities of the blur and of the solarization in one view's transform."""
-    import torchvision.transforms as T
-    blur = [t.p for t in view.transforms if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.GaussianBlur)]
-    sol = [(t.p, t.threshold) for t in view.transforms if isinstance(t, T.RandomSolarize)]
-    return blur, sol
+def test_view_choices_follow_the_table():
+    """Over 4000 draws with a fixed seed: each choice's frequency (binomial std <= 0.8 points, tested within
+    3 points) and each factor's range, for both views (view A always blurred, never solarized; view B 10% and
+    20%), as Barlow Twins and the README's table."""
+    torch.manual_seed(0)
+    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+        draws = [draw_view(blur_p, solarize_p) for _ in range(4000)]
+        rate = lambda f: np.mean([bool(f(d)) for d in draws])  # noqa: E731
+        for got, want in ((rate(lambda d: d["flip"]), 0.5), (rate(lambda d: d["jitter"]), 0.8),
+                          (rate(lambda d: d["gray"]), 0.2), (rate(lambda d: d["sigma"] is not None), blur_p),
+                          (rate(lambda d: d["solarize"]), solarize_p)):
+            assert abs(got - want) < 0.03, (got, want)
+        jit = np.array([d["jitter"][1:] for d in draws if d["jitter"]])
+        for k, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+            assert lo <= jit[:, k].min() < lo + 0.01 and hi - 0.01 < jit[:, k].max() <= hi
+        orders = {tuple(d["jitter"][0]) for d in draws if d["jitter"]}
+        assert len(orders) == 24  # every order of the four colour operations
+        sigmas = [d["sigma"] for d in draws if d["sigma"] is not None]
+        assert 0.1 <= min(sigmas) < 0.12 and 1.98 < max(sigmas) <= 2.0
 
 
-def test_the_two_views_are_asymmetric():
-    """Barlow Twins' pair: view A always blurred, never solarized; view B blurred 10% and solarized 20%."""
-    views = train.TwoViews(32)
-    assert blur_and_solarize(views.a) == ([1.0], [(0.0, 128)])
-    assert blur_and_solarize(views.b) == ([0.1], [(0.2, 128)])
+def test_view_operations_are_torchvisions():
+    """Our PIL colour operations, blur and solarization equal torchvision's (the blur to within its kernel's
+    truncation and rounding), so the faster pipeline draws from the same distributions."""
+    import torchvision.transforms.functional as TF
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).filter(ImageFilter.SMOOTH)
+    for hue in (-0.1, -0.03, 0.05, 0.1):
+        assert np.array_equal(np.asarray(shift_hue(img, hue)), np.asarray(TF.adjust_hue(img, hue)))
+    ours = apply_view(img, dict(flip=True, jitter=None, gray=True, sigma=1.5, solarize=True)).float()
+    ref = TF.solarize(TF.gaussian_blur(TF.rgb_to_grayscale(TF.hflip(img), 3), 23, 1.5), 128)
+    assert (ours - TF.pil_to_tensor(ref).float()).abs().mean() < 2.0  # of 255
+
+
+def test_two_views_decode_a_jpeg_once_at_the_scale_its_crops_allow(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    torch.manual_seed(0)
+    boxes = [(0, 0, 200, 200), (100, 100, 150, 150)]
+    img, scaled = decode(load_image(tmp_path / "a.jpg"), boxes, 32)
+    assert img.size == (125, 94)  # 1/4 (JPEG draft): the smaller crop keeps 37 px a side, 1/8 would leave 18
+    assert scaled[1] == (25.0, 25.0, 62.5, 62.5)
+    views = train.TwoViews(32)(load_image(tmp_path / "a.jpg"))
+    assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2
 
 
 def test_augmentations_depend_on_seed_epoch_and_index_only():
@@ -620,6 +654,7 @@ def test_second_epoch_draws_new_views_and_noise(tmp_path):
     sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(1)
     (y1, y2), labels = torch.utils.data.default_collate([ds[i] for i in sampler])
+    y1, y2 = train.normalize(y1), train.normalize(y2)
     torch.manual_seed(0)
     model = BlockResNet(**train.model_config(args, 2)).train()
     torch.manual_seed(train.step_seed(0, 0, 1, 0))
@@ -687,7 +722,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         sampler.set_epoch(0)
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
         torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
-        views = [model.blockwise(v) for v in batch[0]]
+        views = [model.blockwise(train.normalize(v)) for v in batch[0]]
         feats = [[model.heads[k](next(v)) for v in views] for k in range(4)]  # per-rank BatchNorm statistics
         halves.append(list(zip(*feats)))
     total = 0
@@ -727,10 +762,10 @@ def assert_same_run(a, b):
 def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     cmd, ref = reference
     out = tmp_path / "out"
-    files = {"mid-epoch": out / "log.jsonl", "during-checkpoint-write": out / "checkpoint.pth.tmp",
-             "after-first-epoch": out / "checkpoint.pth"}
+    files = {"mid-epoch": "log.jsonl", "during-checkpoint-write": "checkpoint.pth.*.tmp",  # the writer's own tmp
+             "after-first-epoch": "checkpoint.pth"}
     p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
-    while not files[moment].exists() and p.poll() is None:
+    while p.poll() is None and not (out.exists() and fnmatch.filter(os.listdir(out), files[moment])):
         pass  # busy-wait: a checkpoint write lasts only milliseconds
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
@@ -743,17 +778,21 @@ def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
-def test_sigterm_saves_mid_epoch_and_resumes_exactly(reference, tmp_path):
-    """With 2 data-loading workers (the reference used none): resume is exact whatever the workers."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(reference, tmp_path, sig):
+    """Preemption (scancel signals the whole process group) or one Ctrl-C, with 2 data-loading workers that get
+    the signal too: the step finishes, the run saves and exits 0, and resumes exactly (the reference had no
+    workers: resume is exact whatever the workers)."""
     cmd, ref = reference
     cmd = cmd + ["--workers", "2"]
     out = tmp_path / "out"
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
     while not (out / "log.jsonl").exists() and p.poll() is None:
         time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
-    stdout, _ = p.communicate()
-    assert p.returncode == 0 and "SIGTERM: saved" in stdout
+    os.killpg(p.pid, sig)
+    stdout, stderr = p.communicate()
+    assert p.returncode == 0 and f"{sig.name}: saved" in stdout, stderr[-2000:]
     assert weights(out)["step"] > 0  # saved in the middle of an epoch
     subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
     assert_same_run(ref, weights(out))
@@ -792,16 +831,172 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
                           "holds a different model")
 
 
+def test_bad_flags_are_refused_up_front_naming_the_flag(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    base = [*SMALL, "--data", data, "--out", str(tmp_path / "out")]
+    for extra, flag in ((["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
+                        (["--print-freq", "0"], "--print-freq"), (["--head-dim", "0"], "--head-dim"),
+                        (["--kernel-size", "2"], "--kernel-size"), (["--kernel-size", "0"], "--kernel-size"),
+                        (["--projector", "0-0-0"], "--projector"), (["--lr", "-1"], "--lr"),
+                        (["--noise", "-0.1"], "--noise"), (["--workers", "-1"], "--workers"),
+                        (["--limit", "-5"], "--limit"), (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+                        (["--init", "x.pth"], "--init")):
+        expect_one_line_error(capsys, base + extra, flag)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    _, ckpt = train_tiny(tmp_path)
+    for extra, flag in ((["--knn", "0"], "--knn"), (["--epochs", "0"], "--epochs"),
+                        (["--corruptions", str(tmp_path / "nowhere")], "--corruptions"),
+                        (["--corruptions", str(tmp_path / "data" / "val" / "class0")], "--corruptions")):
+        expect_one_line_error(capsys, probe_argv(ckpt, data, *extra), flag, entry=probe)
+
+
+def train_tiny(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "8")
+    return data, str(tmp_path / "run" / "checkpoint.pth")
+
+
+def test_a_rerun_may_extend_but_not_change_the_run(tmp_path, capsys):
+    data, _ = train_tiny(tmp_path)
+    base = [*SMALL, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "8"]
+    for extra, says in ((["--epochs", "2", "--lr", "0.1"], "was run with --lr 0.05, not 0.1"),
+                        (["--epochs", "2", "--seed", "1"], "--seed 0, not 1"),
+                        (["--epochs", "2", "--loss", "vicreg"], "--loss barlowtwins, not vicreg"),
+                        (["--epochs", "2", "--batch-size", "4"], "--batch-size 8, not 4"),
+                        (["--epochs", "2", "--limit", "8"], "--limit 0, not 8")):
+        expect_one_line_error(capsys, base + extra, says)
+    assert weights(tmp_path / "run")["epoch"] == 1
+    train.main(train.get_args(base + ["--epochs", "2", "--workers", "1", "--print-freq", "3"]))  # extend: allowed
+    assert weights(tmp_path / "run")["epoch"] == 2
+    assert [e for e in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "resume" in e] == \
+        [dict(resume=dict(epoch=1, step=0))]
+
+
+def test_one_run_per_output_folder(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    os.makedirs(tmp_path / "out")
+    code = f"import cli, sys; lock = cli.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); sys.stdin.read()"
+    other = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    other.stdout.readline()  # another run holds the folder
+    expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out")], f"in use by pid {other.pid}")
+    other.communicate(b"")
+    run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")  # released: the folder is free again
+
+
+def test_unreadable_checkpoints_and_init_files_are_one_line(tmp_path, capsys):
+    data, ckpt = train_tiny(tmp_path)
+    base = [*SMALL, "--data", data, "--batch-size", "8", "--epochs", "2"]
+    for name, content in (("empty", b""), ("trunk", open(tmp_path / "run" / "trunk.pth", "rb").read())):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "checkpoint.pth").write_bytes(content)
+        expect_one_line_error(capsys, base + ["--out", str(tmp_path / name)], "checkpoint.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    expect_one_line_error(capsys, base + ["--out", str(tmp_path / "x"), "--frozen", "1", "--init",
+                                          str(tmp_path / "empty.pth")], "--init")
+    expect_one_line_error(capsys, probe_argv(str(tmp_path / "empty.pth"), data), "cannot read", entry=probe)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
+    """A full disk, made real with a file-size limit in a child process: one line, nothing half-written."""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"old": torch.zeros(1)}, path)
+    code = ("import resource, signal, sys, torch, train\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+            f"try:\n    train.save_atomic({{'new': torch.zeros(1 << 20)}}, {str(path)!r})\n"
+            "except train.Abort as e:\n    print(e)\n    sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 3 and "cannot write" in r.stdout and "previous checkpoint.pth is kept" in r.stdout
+    assert os.listdir(tmp_path) == ["checkpoint.pth"] and "old" in torch.load(path, weights_only=True)
+
+
+def test_images_that_would_be_read_wrongly_are_scaled_or_refused(tmp_path):
+    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 16-bit, up to 63000
+    Image.fromarray(grey16).save(tmp_path / "a.png")
+    got = np.asarray(load_image(tmp_path / "a.png").convert("L"))
+    assert got.max() == 63000 >> 8 and got[0, 1] == 1000 >> 8  # scaled, not saturated to white
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "b.tiff")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_image(tmp_path / "b.tiff")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "bomb.png")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1000  # 90,000 pixels is a bomb to this limit
+    try:
+        with pytest.raises(ValueError, match="bomb.png"):
+            load_image(tmp_path / "bomb.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_a_symlink_loop_counts_each_image_once(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=3)
+    os.symlink(os.path.join(data, "train", "class0"), os.path.join(data, "train", "class0", "loop"))
+    assert len(train.dataset("folder", data)) == 6
+
+
+def test_every_rank_names_its_own_failure(tmp_path):
+    """A corrupt image that rank 1 reads: rank 1 says so in one line naming itself and the file; rank 0 stops."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    ds = train.dataset("folder", data)
+    sampler = torch.utils.data.DistributedSampler(ds, 2, 1, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    bad = ds.samples[list(sampler)[0]][0]
+    open(bad, "wb").write(b"not an image")
+    r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "8",
+                 "--workers", "2", timeout=120)  # read by a worker; the run must still exit, not wait for it
+    mine = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert r.returncode != 0 and any(line.startswith("train.py: error: rank 1: unreadable image") and
+                                     os.path.basename(bad) in line for line in mine), r.stderr[-3000:]
+
+
+def rank_pid(marker, rank):
+    """The pid of the torchrun worker of that rank whose command line holds `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and marker.encode() in cmdline and b"distributed.run" not in cmdline:
+            return int(pid)
+
+
+def test_a_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
+    """Rank 1 frozen (SIGSTOP): rank 0 gives up after --timeout (6 s here) with one line, instead of hanging."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", data, "--out", out, *SMALL, "--batch-size", "8", "--epochs", "20", "--timeout", "0.1"]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not os.path.exists(os.path.join(out, "log.jsonl")) and p.poll() is None:
+            time.sleep(0.05)
+        stalled, waiting = rank_pid(out, 1), rank_pid(out, 0)
+        os.kill(stalled, signal.SIGSTOP)
+        t0 = time.time()
+        while os.path.exists(f"/proc/{waiting}") and time.time() - t0 < 120:
+            time.sleep(0.2)
+        assert time.time() - t0 < 60, "rank 0 hung"
+    finally:
+        with contextlib.suppress(Exception):
+            os.kill(stalled, signal.SIGKILL)
+        stderr = p.communicate(timeout=120)[1]
+    assert "train.py: error: rank 0: stopped: another process failed or did not answer within --timeout" in stderr
+
+
 def test_batch_not_divisible_by_world_size(tmp_path):
     data = image_folder(tmp_path / "data")
     r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "7")
-    assert r.returncode != 0 and r.stderr.count("train.py: error: --batch-size 7 is not divisible by the 2 processes") == 1
+    for rank in (0, 1):  # every rank says what stopped it, naming itself
+        assert r.returncode != 0 and r.stderr.count(f"train.py: error: rank {rank}: --batch-size 7 is not divisible "
+                                                    "by the 2 processes") == 1
 
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")
     good = weights(tmp_path / "out")
+    good["args"]["lr"] = 1e30  # the same run, had it been started with a diverging lr (a rerun may not change it)
+    torch.save(good, tmp_path / "out" / "checkpoint.pth")
     err = expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out"), "--epochs", "4",
                                          "--batch-size", "8", "--lr", "1e30"], "loss of block")
     assert "step" in err and "last good state" in err

@@ -8,9 +8,12 @@ The run writes DIR/checkpoint.pth every epoch (and on SIGTERM) and resumes from 
 DIR/log.jsonl (one JSON object per line), and at the end DIR/trunk.pth, a torchvision state_dict.
 """
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -21,8 +24,9 @@ import losses
 import probe
 import recompute
 from blockwise import ARCHS, POOLINGS, BlockResNet
-from cli import STOP, Abort, Parser, clock, run, setup_distributed
-from data import DATASETS, Seeded, TwoViews, dataset, probe_transforms
+from cli import (STOP, Abort, FolderLock, Parser, clock, one_line, quiet_worker, run, setup_distributed,
+                 stop_on_signals)
+from data import DATASETS, Seeded, TwoViews, dataset, normalize, probe_transforms
 
 
 def get_args(argv=None):
@@ -33,6 +37,8 @@ def get_args(argv=None):
     a("--limit", type=int, default=0, help="use N training images, balanced over the classes and drawn with "
       "--seed (0 = all)")
     a("--image-size", type=int, default=224, help="crop size of the two views")
+    a("--crop-scale", type=float, default=0.08, help="smallest area of a random crop, as a fraction of the image "
+      "(Barlow Twins: 0.08); small images may want milder crops (README, small-scale protocol)")
     a("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet (§3.1: resnet50)")
     a("--blocks", default="1,2,3,4", help="stages per block: 1,2,3,4 (§3.1), 12,3,4 merged B1+B2 (Fig. 7), "
       "1234 end-to-end, 12,23,34 LoCo; or a preset: paper, merge12, e2e, loco")
@@ -72,7 +78,9 @@ def get_args(argv=None):
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
-    a("--print-freq", type=int, default=50, help="steps between progress lines")
+    a("--print-freq", type=int, default=50, help="steps between progress lines (and at least one every 30 s)")
+    a("--timeout", type=float, default=10.0, help="minutes a process waits for the others before the run stops "
+      "with an error (a stalled or lost process)")
     a("--monitor-every", type=int, default=1, help="epochs between the online monitors (kNN top-1 and RankMe of "
       "every block on held-out images, README); 0 = off")
     a("--monitor-images", type=int, default=10000, help="images in the monitors' kNN bank (from the training "
@@ -220,32 +228,57 @@ def broadcast_buffers(model):
     unflatten_into(flat, bufs)
 
 
+def check_args(args):
+    """Flags that cannot make a run are refused before anything starts, naming the flag."""
+    rules = [("epochs", args.epochs >= 1, "at least 1"), ("batch_size", args.batch_size >= 1, "at least 1"),
+             ("print_freq", args.print_freq >= 1, "at least 1"), ("head_dim", args.head_dim >= 1, "at least 1"),
+             ("kernel_size", args.kernel_size >= 1 and args.kernel_size % 2, "odd and positive (an even kernel "
+              "grows the map by one)"), ("groups", args.groups >= 1, "at least 1"),
+             ("image_size", args.image_size >= 1, "at least 1"), ("lr", args.lr >= 0, "not negative"),
+             ("noise", args.noise >= 0, "not negative"), ("workers", args.workers >= 0, "not negative"),
+             ("limit", args.limit >= 0, "not negative"), ("weight_decay", args.weight_decay >= 0, "not negative"),
+             ("warmup_epochs", 0 <= args.warmup_epochs <= args.epochs, f"between 0 and --epochs {args.epochs}"),
+             ("lars_eta", args.lars_eta > 0, "positive"),
+             ("crop_scale", 0 < args.crop_scale <= 1, "in (0, 1]"), ("grad_scale", args.grad_scale > 0, "positive"),
+             ("monitor_every", args.monitor_every >= 0, "not negative"),
+             ("monitor_images", args.monitor_images >= 1, "at least 1"), ("timeout", args.timeout > 0, "positive"),
+             ("init", not args.init or args.frozen, "used with --frozen, which names the blocks it fills")]
+    for name, ok, what in rules:
+        if not ok:
+            raise Abort(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {what}")
+
+
 def main(args):
-    device, rank, world = setup_distributed()
+    check_args(args)
+    device, rank, world = setup_distributed(args.timeout)
+    if device.type == "cpu":  # torch.compile's probe for a CUDA toolkit; irrelevant to a CPU run
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if args.batch_size % world:
         raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, f".write-test-{rank}"), "w").close()
-        os.remove(os.path.join(args.out, f".write-test-{rank}"))
-    except OSError as e:
-        raise Abort(f"--out {args.out} is not writable ({e.strerror})") from None
+    with prepare_out(args.out, rank):  # rank 0 holds the output folder's lock until the run ends
+        fit(args, device, rank, world)
+
+
+def fit(args, device, rank, world):
+    """The run: data, model, resume, then the epochs (saving each) and the monitors; at the end, trunk.pth."""
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
 
     train_set = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
     model, config, phases = build(args, train_set.num_classes, device, world)
     loss_fns = loss_functions(args, len(model.blocks))
     optimizer = LARS(model.parameters(), lr=0, weight_decay=args.weight_decay, eta=args.lars_eta)
-    start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world)
+    if rank == 0:
+        check_free_space(args.out, model)
+    start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world, args, len(train_set))
 
-    data = Seeded(train_set, TwoViews(args.image_size), args.seed)
+    data = Seeded(train_set, TwoViews(args.image_size, args.crop_scale), args.seed)
     sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps = len(sampler) // (args.batch_size // world)
     if steps == 0:
         raise Abort(f"--batch-size {args.batch_size} is larger than the {len(data)} training images")
     epochs = args.epochs * len(phases)  # sequential mode: --epochs for each block in turn
     monitored = monitor_sets(args)
-    signal.signal(signal.SIGTERM, lambda *_: STOP.append(1))
+    stop_on_signals()
     if rank == 0:
         print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(data)} images, "
               f"{world} process(es) on {device.type}, {steps} steps/epoch, epochs {start_epoch}->{epochs}", flush=True)
@@ -256,13 +289,16 @@ def main(args):
         first = start_step if epoch == start_epoch else 0
         indices = list(sampler)[first * (args.batch_size // world):steps * (args.batch_size // world)]
         loader = torch.utils.data.DataLoader(data, args.batch_size // world, sampler=indices, drop_last=True,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+                                             num_workers=args.workers, pin_memory=device.type == "cuda",
+                                             worker_init_fn=quiet_worker)
         stopped = train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, steps, args)
         if rank == 0:  # every epoch, and on SIGTERM in the middle of one
-            save_checkpoint(ckpt_path, model, optimizer, epoch + (stopped is None), stopped or 0, config, args)
+            save_checkpoint(ckpt_path, model, optimizer, epoch + (stopped is None), stopped or 0, config, args,
+                            len(train_set))
         if stopped is not None:
             if rank == 0:
-                print(f"SIGTERM: saved {ckpt_path} at epoch {epoch + 1} step {stopped}; rerun to resume", flush=True)
+                print(f"{signal.Signals(STOP[0]).name}: saved {ckpt_path} at epoch {epoch + 1} step {stopped}; "
+                      "rerun to resume", flush=True)
             return
         if monitored and (epoch + 1) % args.monitor_every == 0:
             log_monitors(epoch, monitors(model, monitored, train_set.num_classes, args), args)
@@ -282,9 +318,9 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     phase = phases[epoch // args.epochs]
     set_trainable(model, phase)
-    owners, t0, seen = grad_owners(model, phase), time.time(), 0
+    owners, t0, seen, shown = grad_owners(model, phase), time.time(), 0, 0.0
     for i, ((y1, y2), labels) in enumerate(loader, start=first):
-        y1, y2 = (y.to(device, non_blocking=True, memory_format=fmt) for y in (y1, y2))
+        y1, y2 = (normalize(y.to(device, non_blocking=True)).contiguous(memory_format=fmt) for y in (y1, y2))
         labels = labels.to(device, non_blocking=True)
         in_phase = (epoch % args.epochs) * steps + i  # sequential mode: each block has its own schedule
         lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
@@ -308,10 +344,11 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
         stop = torch.tensor(float(bool(STOP)))
         if world > 1:
             dist.all_reduce(stop)  # every rank stops at the same step
-        if rank == 0 and ((i + 1) % args.print_freq == 0 or i + 1 == steps):
+        if rank == 0 and ((i + 1) % args.print_freq == 0 or i + 1 == steps or time.time() - shown > 30):
+            shown = time.time()
             rate = seen / (time.time() - t0)
             log = dict(epoch=epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,
-                       blocks=[k + 1 for k in phase])
+                       blocks=[k + 1 for k in phase], time=round(time.time(), 3))
             eta = ((epochs - epoch - 1) * steps + steps - i - 1) * args.batch_size / rate
             print(progress(log, epoch, epochs, i + 1, steps, eta), flush=True)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
@@ -391,7 +428,9 @@ def model_config(args, num_classes):
     try:
         widths = [int(w) for w in args.projector.split("-")]
     except ValueError:
-        raise Abort(f"--projector {args.projector}: expected widths like 8192-8192-8192") from None
+        widths = [0]
+    if min(widths) < 1:
+        raise Abort(f"--projector {args.projector}: expected positive widths like 8192-8192-8192")
     if args.loss == "supervised":  # §3.4: the projector's last layer outputs the classes
         widths[-1] = num_classes
     return dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
@@ -400,8 +439,11 @@ def model_config(args, num_classes):
 
 def load_frozen_init(model, path, frozen):
     """Fig. 7: the --frozen blocks take their trunk weights from another run (trunk.pth or checkpoint.pth)."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k: v for k, v in sd.get("model", sd).items() if not k.startswith(("heads.", "projectors."))}
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = {k: v for k, v in sd.get("model", sd).items() if not k.startswith(("heads.", "projectors."))}
+    except Exception as e:
+        raise Abort(f"--init {path}: not a trunk.pth or checkpoint.pth ({one_line(e)[:200]})") from None
     prefixes = tuple(p for k in frozen for s in model.blocks[k]
                      for p in (("conv1.", "bn1.", "layer1.") if s == 1 else (f"layer{s}.",)))
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -411,27 +453,57 @@ def load_frozen_init(model, path, frozen):
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
-def resume(model, optimizer, config, ckpt_path, world):
+def resume(model, optimizer, config, ckpt_path, world, args, images):
     """Auto-resume from ckpt_path if it exists; else give every rank rank 0's weights. Returns (epoch, step)."""
     if not os.path.exists(ckpt_path):
         if world > 1:
             for t in model.state_dict().values():
                 dist.broadcast(t, 0)
         return 0, 0
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # written atomically, so this is not our own interrupted write
-        raise Abort(f"cannot read {ckpt_path} ({str(e).splitlines()[0]}); move it away to start afresh") from None
+    ckpt = read_checkpoint(ckpt_path)
     check_config(ckpt["config"], config, ckpt_path)
+    check_same_run(ckpt, args, images, ckpt_path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if not dist.is_initialized() or dist.get_rank() == 0:  # log.jsonl: the steps after this line redo earlier ones
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(resume=dict(epoch=ckpt["epoch"], step=ckpt["step"]))) + "\n")
     return ckpt["epoch"], ckpt["step"]
 
 
-def save_checkpoint(path, model, optimizer, epoch, step, config, args):
-    """What resume() needs: weights, LARS momentum, where to go on from, and the model's config."""
+def read_checkpoint(path):
+    """A train.py checkpoint, or one line saying why not (unreadable, empty, or another kind of file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # written atomically, so this is not our own interrupted write
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Abort(f"cannot read {path} ({line}); move it away to start afresh") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch", "step"} <= ckpt.keys():
+        raise Abort(f"{path} is not a train.py checkpoint (a trunk.pth?); move it away to start afresh")
+    return ckpt
+
+
+# Flags a resumed run may change: they change neither the model nor the numbers it computes (README).
+RESUMABLE = {"epochs", "workers", "print_freq", "data", "out", "compile", "recompute", "channels_last",
+             "monitor_every", "monitor_images", "timeout"}
+
+
+def check_same_run(ckpt, args, images, path):
+    """Refuse to resume with flags that would change the run (one line naming the flag and both values)."""
+    saved = ckpt.get("args", {})
+    for key, value in vars(args).items():
+        if key in saved and key not in RESUMABLE and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise Abort(f"{path} was run with {flag} {saved[key]}, not {value}: rerun with {flag} {saved[key]} "
+                        "or choose another --out")
+    if ckpt.get("images", images) != images:
+        raise Abort(f"--data {args.data}: {images} training images, but {path} was trained on {ckpt['images']}")
+
+
+def save_checkpoint(path, model, optimizer, epoch, step, config, args, images):
+    """What resume() needs: weights, LARS momentum, where to go on from, the model's config and the flags."""
     save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
-                     config=config, args=vars(args)), path)
+                     config=config, args=vars(args), images=images), path)
 
 
 def check_config(saved, wanted, what):
@@ -441,9 +513,38 @@ def check_config(saved, wanted, what):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write a temporary file of this process's own, flush it to disk, then rename: a crash mid-write leaves
+    the previous file whole; a full disk leaves no partial file behind."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise Abort(f"cannot write {path} ({one_line(e)}); the previous {os.path.basename(path)} is kept") from None
+
+
+def prepare_out(out, rank):
+    """The output folder, writable and locked by this run (rank 0 holds the lock)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, f".write-test-{rank}"), "w").close()
+        os.remove(os.path.join(out, f".write-test-{rank}"))
+    except OSError as e:
+        raise Abort(f"--out {out} is not writable ({e.strerror})") from None
+    return FolderLock(out) if rank == 0 else contextlib.nullcontext()
+
+
+def check_free_space(out, model):
+    """A checkpoint (weights, BN statistics, LARS momentum) must fit, with its temporary copy, before we start."""
+    need = 2.2 * sum(t.numel() * t.element_size() for t in [*model.state_dict().values(), *model.parameters()])
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise Abort(f"--out {out} has {free / 2**30:.2f} GiB free; a checkpoint needs about {need / 2**30:.2f} GiB")
 
 
 def check_replicas(model):
