@@ -239,7 +239,8 @@ def test_projectors_are_initialised_independently():
 def test_trunk_loads_strictly_into_torchvision():
     for arch in ("resnet18", "resnet50"):
         model = BlockResNet(arch, pooling="cbe", projector_widths=(32, 16))
-        missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(model.trunk_state_dict(), strict=False)
+        reference = getattr(torchvision.models, arch)()
+        missing, unexpected = reference.load_state_dict(model.trunk_state_dict(), strict=False)
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
@@ -386,7 +387,8 @@ def toy_problem():
 
 def synced_cbe_problem():
     torch.manual_seed(0)
-    return Pool(6, "cbe", 10).double().train(), torch.randn(8, 6, 4, 5, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
+    x, g = torch.randn(8, 6, 4, 5, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
+    return Pool(6, "cbe", 10).double().train(), x, g
 
 
 def dist_worker(out_dir):
@@ -603,7 +605,7 @@ def test_lean_step_gives_the_gradients_of_the_summed_losses():
     y1, y2, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     train.train_step(model, y1, y2, labels, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
     f1, f2 = twin(y1), twin(y2)
-    sum(losses.barlow_twins(twin.projectors[k](a), twin.projectors[k](b)) for k, (a, b) in enumerate(zip(f1, f2))).backward()
+    sum(losses.barlow_twins(proj(a), proj(b)) for proj, a, b in zip(twin.projectors, f1, f2)).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
 
@@ -611,7 +613,8 @@ def test_lean_step_gives_the_gradients_of_the_summed_losses():
 def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
     model = small_model(blocks="1,2")
     train.set_trainable(model, [1])
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1", "layer1", "heads.0", "projectors.0"))}
+    block1 = ("conv1", "bn1", "layer1", "heads.0", "projectors.0")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(block1)}
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("layer2")}
     opt = LARS(model.parameters(), lr=0.5)
     for _ in range(3):
@@ -625,10 +628,12 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
     assert not torch.equal(now["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])
 
 
-@pytest.mark.parametrize("extra", [["--loss", "vicreg", "--pooling", "lsp", "--head-dim", "512"], ["--loss", "simclr", "--pooling", "gsp"],
-                                   ["--loss", "supervised", "--blocks", "loco"], ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
-                                   ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2", "--pooling", "cbe-l2",
-                                    "--checkpoint", "heads"]])
+@pytest.mark.parametrize("extra", [["--loss", "vicreg", "--pooling", "lsp", "--head-dim", "512"],
+                                   ["--loss", "simclr", "--pooling", "gsp"],
+                                   ["--loss", "supervised", "--blocks", "loco"],
+                                   ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
+                                   ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2",
+                                    "--pooling", "cbe-l2", "--checkpoint", "heads"]])
 def test_every_variant_trains(tmp_path, extra):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
@@ -755,7 +760,8 @@ def reference(tmp_path_factory):
 
 def assert_same_run(a, b):
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["optimizer"]["state"][i]["mu"], b["optimizer"]["state"][i]["mu"]) for i in a["optimizer"]["state"])
+    momenta = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(momenta[0][i]["mu"], momenta[1][i]["mu"]) for i in momenta[0])
 
 
 @pytest.mark.parametrize("moment", ["mid-epoch", "during-checkpoint-write", "after-first-epoch"])
@@ -878,7 +884,8 @@ def test_one_run_per_output_folder(tmp_path, capsys):
     code = f"import cli, sys; lock = cli.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); sys.stdin.read()"
     other = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     other.stdout.readline()  # another run holds the folder
-    expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out")], f"in use by pid {other.pid}")
+    argv = [*SMALL, "--data", data, "--out", str(tmp_path / "out")]
+    expect_one_line_error(capsys, argv, f"in use by pid {other.pid}")
     other.communicate(b"")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")  # released: the folder is free again
 
@@ -1041,7 +1048,8 @@ def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, 
             assert saved["corruption_summary"]["fog"] == dict(mean=np.mean(errors), std=np.std(errors))
             assert math.isclose(saved["corruption_mean_error"], np.mean(
                 [v["mean"] for v in saved["corruption_summary"].values()]))
-    assert [d["stage"] for d in saved["diagnostics"]] == [1, 2, 3, 4] and -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
+    assert [d["stage"] for d in saved["diagnostics"]] == [1, 2, 3, 4]
+    assert -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
     model = probe.load_frozen(ckpt, probe_args(ckpt, data), torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
