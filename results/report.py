@@ -25,7 +25,7 @@ def load_runs():
         groups.setdefault(run["group"], dict(flags=run["flags"], order=run.get("order", 99), runs=[]))
         groups[run["group"]]["runs"].append(dict(seed=run["seed"], blocks=probe["blocks"], minutes=run["minutes"]))
         if "untrained" in probe:
-            groups.setdefault("untrained", dict(flags="(initial weights of the run above)", order=0, runs=[]))
+            groups.setdefault("untrained", dict(flags="(initial weights of the blockwise runs)", order=0, runs=[]))
             groups["untrained"]["runs"].append(dict(seed=run["seed"], blocks=probe["untrained"], minutes=None))
     return dict(sorted(groups.items(), key=lambda g: g[1]["order"]))
 
