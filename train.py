@@ -234,13 +234,13 @@ def check_args(args):
              ("print_freq", args.print_freq >= 1, "at least 1"), ("head_dim", args.head_dim >= 1, "at least 1"),
              ("kernel_size", args.kernel_size >= 1 and args.kernel_size % 2, "odd and positive (an even kernel "
               "grows the map by one)"), ("groups", args.groups >= 1, "at least 1"),
-             ("image_size", args.image_size >= 1, "at least 1"), ("lr", args.lr >= 0, "not negative"),
-             ("noise", args.noise >= 0, "not negative"), ("workers", args.workers >= 0, "not negative"),
-             ("limit", args.limit >= 0, "not negative"), ("weight_decay", args.weight_decay >= 0, "not negative"),
+             ("image_size", args.image_size >= 1, "at least 1"), ("lr", args.lr >= 0, "zero or more"),
+             ("noise", args.noise >= 0, "zero or more"), ("workers", args.workers >= 0, "zero or more"),
+             ("limit", args.limit >= 0, "zero or more"), ("weight_decay", args.weight_decay >= 0, "zero or more"),
              ("warmup_epochs", 0 <= args.warmup_epochs <= args.epochs, f"between 0 and --epochs {args.epochs}"),
              ("lars_eta", args.lars_eta > 0, "positive"),
              ("crop_scale", 0 < args.crop_scale <= 1, "in (0, 1]"), ("grad_scale", args.grad_scale > 0, "positive"),
-             ("monitor_every", args.monitor_every >= 0, "not negative"),
+             ("monitor_every", args.monitor_every >= 0, "zero or more"),
              ("monitor_images", args.monitor_images >= 1, "at least 1"), ("timeout", args.timeout > 0, "positive"),
              ("init", not args.init or args.frozen, "used with --frozen, which names the blocks it fills")]
     for name, ok, what in rules:
