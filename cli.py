@@ -37,6 +37,17 @@ def quiet_worker(_):
     worker that dies first would kill the main process before it saves. Workers exit with their parent."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # see start_workers
+
+
+def start_workers(loader):
+    """iter(loader), whose workers are born with SIGTERM and SIGINT blocked, so that a signal sent while they
+    start is not lost to them before quiet_worker runs; the main process gets its own copy right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,27 +85,31 @@ def run(main, argv, prog):
     """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr and exit
     code 2; under torchrun every failing rank says so, naming itself, and the other ranks stop too."""
     who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-    message, code = None, 0
+    code = 0
     try:
         main(argv)
     except (Abort, ValueError, OSError) as e:
-        message, code = f"{prog}: error: {who}{one_line(e)}", 2
+        code = say(f"{prog}: error: {who}{one_line(e)}", 2)
     except RuntimeError as e:
         if not peer_failure(e):
             raise  # a bug: keep its traceback
-        message, code = (f"{prog}: error: {who}stopped: another process failed or did not answer within "
-                         f"--timeout ({one_line(e)[:200]})"), 2
+        code = say(f"{prog}: error: {who}stopped: another process failed or did not answer within --timeout "
+                   f"({one_line(e)[:200]})", 2)
     except KeyboardInterrupt:
-        message, code = f"{prog}: {who}interrupted (a second Ctrl-C); the last checkpoint is kept", 130
+        code = say(f"{prog}: {who}interrupted (a second Ctrl-C); the last checkpoint is kept", 130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         for child in multiprocessing.active_children():  # data-loading workers ignore SIGTERM (quiet_worker),
             child.kill()  # so multiprocessing's exit, which sends them SIGTERM and waits, would wait forever
             child.join()
-    if code:
-        print(message, file=sys.stderr, flush=True)
+    if code:  # outside the except blocks: the failed frames, and the workers' iterators, are freed first
         sys.exit(code)
+
+
+def say(message, code):
+    print(message, file=sys.stderr, flush=True)
+    return code
 
 
 def peer_failure(e):

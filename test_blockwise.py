@@ -21,7 +21,6 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter
 
-import cli
 import losses
 import probe
 import recompute

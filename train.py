@@ -25,7 +25,7 @@ import probe
 import recompute
 from blockwise import ARCHS, POOLINGS, BlockResNet
 from cli import (STOP, Abort, FolderLock, Parser, clock, one_line, quiet_worker, run, setup_distributed,
-                 stop_on_signals)
+                 start_workers, stop_on_signals)
 from data import DATASETS, Seeded, TwoViews, dataset, normalize, probe_transforms
 
 
@@ -319,7 +319,7 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
     phase = phases[epoch // args.epochs]
     set_trainable(model, phase)
     owners, t0, seen, shown = grad_owners(model, phase), time.time(), 0, 0.0
-    for i, ((y1, y2), labels) in enumerate(loader, start=first):
+    for i, ((y1, y2), labels) in enumerate(start_workers(loader), start=first):
         y1, y2 = (normalize(y.to(device, non_blocking=True)).contiguous(memory_format=fmt) for y in (y1, y2))
         labels = labels.to(device, non_blocking=True)
         in_phase = (epoch % args.epochs) * steps + i  # sequential mode: each block has its own schedule
