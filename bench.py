@@ -70,7 +70,8 @@ def get_args(argv=None):
     a("--steps", type=int, default=3, help="timed steps after one warm-up step")
     a("--configs", default="", help=f"'all' or a comma list from: {', '.join(CONFIGS)}. Default on GPU: all; "
       f"on CPU (about 7 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
-      "AVX512-BF16/AMX, and channels-last did not win here")
+      "AVX512-BF16/AMX, and channels-last did not win here. --loop: the one configuration whose flags train.py "
+      "gets (default: ours bf16 compile on GPU, ours fp32 compile on CPU)")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
     a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
@@ -237,10 +238,11 @@ def main(args):
             json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows), f, indent=1)
 
 
-def augmentation_rate(args, images=64):
-    """Two views of one image per call, in this process on one core: images/s per core."""
+def augmentation_rate(args, on_device=False, images=64):
+    """Two views of one image per call, in this process on one core: images/s per core. on_device: only what
+    the workers do under --gpu-aug (decode, crop, draw the choices)."""
     torch.set_num_threads(1)
-    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size))
+    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=on_device))
     ds[0]
     t0 = time.perf_counter()
     for i in range(1, images + 1):
@@ -248,14 +250,39 @@ def augmentation_rate(args, images=64):
     return images / (time.perf_counter() - t0)
 
 
-def loop_rate(args, warm=3):
+def device_augmentation_rate(args, reps=5):
+    """--gpu-aug's share on the device (`data.augment` + normalisation of both views of a batch): images/s."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.set_num_threads(os.cpu_count())
+    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=True))
+    views, _ = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(args.batch_size)])
+    views = [[t.to(device) for t in view] for view in views]
+    for _ in range(2):  # warm-up, then timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for view in views:
+                data.to_device(view, device)
+        sync()
+    return reps * args.batch_size / (time.perf_counter() - t0)
+
+
+def train_flags(name):
+    """train.py's flags for the step configuration `name` of CONFIGS."""
+    opt = CONFIGS[name][1]
+    return (["--bf16"] * opt.get("bf16", False) + ["--channels-last"] * opt.get("channels_last", False)
+            + ["--recompute", opt.get("recompute", "none"), "--compile" if opt.get("compile") else "--no-compile"])
+
+
+def loop_rate(args, extra, warm=3):
     """train.py itself for warm + --loop-steps steps: images/s over the steps after the warm-up."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "train.py", "--dataset", args.dataset, "--data", args.data, "--arch", args.arch,
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--projector",
                args.projector, "--head-dim", str(args.head_dim), "--pooling", args.pooling, "--workers",
                str(args.workers), "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1", "--monitor-every",
-               "0", "--limit", str((warm + args.loop_steps) * args.batch_size), "--out", out]
+               "0", "--limit", str((warm + args.loop_steps) * args.batch_size), "--out", out, *extra]
         r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"bench.py: error: the loop failed: {r.stderr.strip().splitlines()[-1]}")
@@ -264,17 +291,25 @@ def loop_rate(args, warm=3):
 
 
 def loop(args):
-    """The loop a user runs against what it is made of: is the data pipeline the limit?"""
-    aug = augmentation_rate(args)
+    """The loop a user runs against what it is made of: is the data pipeline the limit? Both pipelines."""
+    name = args.configs or ("ours bf16 compile" if torch.cuda.is_available() else "ours fp32 compile")
+    r = dict(config=name, aug_per_core=augmentation_rate(args), crop_per_core=augmentation_rate(args, True),
+             device_aug=device_augmentation_rate(args))
     torch.set_num_threads(os.cpu_count())
-    step = measure(args, "ours fp32 compile")["img_per_s"]
-    whole = loop_rate(args)
-    print(f"two-view augmentation: {aug:.1f} images/s per core ({args.image_size} px, {args.dataset})")
-    print(f"training step alone: {step:.1f} images/s; whole loop ({args.workers} workers): {whole:.1f} images/s "
-          f"= {whole / step:.2f} x the step; the step needs {step / aug:.1f} cores of augmentation")
+    r["step"] = measure(args, name)["img_per_s"]
+    r["loop"], r["loop_gpu_aug"] = (loop_rate(args, train_flags(name) + x) for x in ([], ["--gpu-aug"]))
+    print(f"step ({name}) alone: {r['step']:.1f} images/s; {args.image_size} px, {args.dataset}, "
+          f"{args.workers} workers")
+    print(f"CPU augmentation: {r['aug_per_core']:.1f} images/s per core, so the step needs "
+          f"{r['step'] / r['aug_per_core']:.1f} cores; train.py's loop: {r['loop']:.1f} images/s = "
+          f"{r['loop'] / r['step']:.2f} x the step")
+    print(f"--gpu-aug: workers {r['crop_per_core']:.1f} images/s per core, so the step needs "
+          f"{r['step'] / r['crop_per_core']:.1f} cores; the device's share {r['device_aug']:.1f} images/s "
+          f"({100 * r['step'] / r['device_aug']:.0f} % of a step's time); train.py's loop: {r['loop_gpu_aug']:.1f} "
+          f"images/s = {r['loop_gpu_aug'] / r['step']:.2f} x the step")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), aug_per_core=aug, step=step, loop=whole), f, indent=1)
+            json.dump(dict(args=vars(args), **r), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -60,7 +61,7 @@ def apply_view(img, p):
         img = img.filter(ImageFilter.GaussianBlur(radius=p["sigma"]))
     if p["solarize"]:
         img = ImageOps.solarize(img, 128)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return to_tensor(img)
 
 
 def decode(img, boxes, size):
@@ -81,17 +82,96 @@ def decode(img, boxes, size):
 class TwoViews:
     """Barlow Twins' asymmetric pair (README's table): view A always blurred and never solarized, view B
     blurred with p 0.1 and solarized with p 0.2. Both crops are drawn first, so that the image is decoded
-    once, at the smallest scale both allow. Returns two uint8 tensors: `normalize` them on the device."""
+    once, at the smallest scale both allow. Returns two uint8 tensors: `normalize` them on the device.
+    With `on_device`, only the crops are made here, and each view is (uint8 crop, its choices packed):
+    `augment` applies them to the batch on the device, from the same draws (README, "The data pipeline")."""
 
-    def __init__(self, size=224, min_scale=0.08):
+    def __init__(self, size=224, min_scale=0.08, on_device=False):
         self.size, self.scale, self.ratio = size, (min_scale, 1.0), (3 / 4, 4 / 3)
         self.views = (dict(blur_p=1.0, solarize_p=0.0), dict(blur_p=0.1, solarize_p=0.2))
+        self.on_device = on_device
 
     def __call__(self, img):
         boxes = [T.RandomResizedCrop.get_params(img, self.scale, self.ratio) for _ in self.views]
         img, boxes = decode(img, boxes, self.size)
         crops = [img.resize((self.size, self.size), Image.BICUBIC, box=box) for box in boxes]
+        if self.on_device:
+            return tuple((to_tensor(crop), pack(draw_view(**v))) for crop, v in zip(crops, self.views))
         return tuple(apply_view(crop, draw_view(**v)) for crop, v in zip(crops, self.views))
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # RGB PIL image -> uint8 C x H x W
+
+
+def pack(p):
+    """One view's choices (draw_view) as 13 numbers: flip, jitter, its order (4), its factors (4), gray,
+    sigma (0: no blur), solarize."""
+    order, *factors = p["jitter"] or ([0, 1, 2, 3], 1.0, 1.0, 1.0, 0.0)
+    return torch.tensor([p["flip"], p["jitter"] is not None, *order, *factors, p["gray"], p["sigma"] or 0,
+                         p["solarize"]], dtype=torch.float32)
+
+
+def gray(x):
+    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def rotate_hue(x, hue):
+    """Hue of RGB x (in [0, 1]) turned by `hue` (a turn is 1): through HSV, the closed form of HSV -> RGB."""
+    v, m = x.max(1).values, x.min(1).values
+    r, g, b, d = *x.unbind(1), (v - m).clamp_min(1e-12)
+    h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    h = (h / 6 + hue.view(-1, 1, 1)) % 1
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - (v - m).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def blend(x, y, f):
+    return (f.view(-1, 1, 1, 1) * x + (1 - f.view(-1, 1, 1, 1)) * y).clamp(0, 1)
+
+
+JITTER_BATCH = (lambda x, f: blend(x, 0, f),  # brightness, contrast, saturation, hue: as torchvision's tensor ops
+                lambda x, f: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f),
+                lambda x, f: blend(x, gray(x), f),
+                rotate_hue)
+
+
+def blur(x, sigma, radius=8):
+    """A Gaussian blur with one sigma per image (radius 8 = 4 x the largest sigma), separable, the edge pixels
+    repeated (as PIL's); one grouped convolution over the batch for each direction."""
+    n, c, h, w = x.shape
+    if n == 0:
+        return x
+    radius = min(radius, h - 1, w - 1)
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device) / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    x = F.pad(x.reshape(1, n * c, h, w), (radius,) * 4, mode="replicate")
+    x = F.conv2d(x, k.view(n * c, 1, 1, -1), groups=n * c)
+    return F.conv2d(x, k.view(n * c, 1, -1, 1), groups=n * c).view(n, c, h, w)
+
+
+def augment(x, p):
+    """TwoViews' choices `p` (B x 13, `pack`) applied to a batch of uint8 crops x on their device, each image
+    with its own: the same operations as `apply_view`, in float. Returns floats in [0, 255] for `normalize`."""
+    x = x.float() / 255
+    x = torch.where(p[:, 0].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+    for j in range(4):  # the jitter's four operations, in each image's own order
+        for op in range(4):
+            s = p[:, 1].bool() & (p[:, 2 + j] == op)
+            x[s] = JITTER_BATCH[op](x[s], p[s, 6 + op])
+    s = p[:, 10].bool()
+    x[s] = gray(x[s]).expand(-1, 3, -1, -1)
+    s = p[:, 11] > 0
+    x[s] = blur(x[s], p[s, 11])
+    x = torch.where(p[:, 12].bool().view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    return x * 255
+
+
+def to_device(view, device):
+    """A batch of one view from TwoViews -> normalised floats on `device`; with `on_device`, augmented there."""
+    if isinstance(view, (tuple, list)):  # (uint8 crops, their choices)
+        return normalize(augment(*(t.to(device, non_blocking=True) for t in view)))
+    return normalize(view.to(device, non_blocking=True))
 
 
 def normalize(x):
@@ -164,7 +244,9 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, label = self.dataset[i]  # a corrupt or unreadable file stops the run, naming it (load_image)
-        torch.manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)  # transforms draw from torch's RNG
+        # The transforms draw from torch's CPU generator; torch.manual_seed would also queue a seeding of every
+        # GPU, with a traceback, for each image (half of the time of a small image's views)
+        torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)) & 0xFFFF_FFFF)
         return self.transform(img), label
 
 

@@ -26,7 +26,8 @@ import probe
 import recompute
 import train
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
-from data import apply_view, balanced_subset, decode, draw_view, load_image, shift_hue
+from data import (apply_view, augment, balanced_subset, decode, draw_view, load_image, normalize, pack, shift_hue,
+                  to_tensor)
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -510,6 +511,36 @@ def test_view_operations_are_torchvisions():
     assert (ours - TF.pil_to_tensor(ref).float()).abs().mean() < 2.0  # of 255
 
 
+def test_device_augmentation_is_the_pil_path_batched_per_image():
+    """--gpu-aug's `augment` gives each image of a batch its own choices, and what the PIL path gives from the
+    same choices to within that path's uint8 rounding (mean < 2 of 255; two jitter orders differ by ~10):
+    each operation alone at the ends of its range, two orders of the jitter, and everything at once."""
+    rng = np.random.default_rng(0)
+    jitter = lambda order, *f: dict(jitter=(order, *f))  # noqa: E731
+    cases = [dict(flip=True), dict(gray=True), dict(sigma=0.1), dict(sigma=2.0), dict(solarize=True),
+             *(jitter([0, 1, 2, 3], *f) for f in ((1.4, 1, 1, 0), (0.6, 1, 1, 0), (1, 0.6, 1, 0), (1, 1.4, 1, 0),
+                                                (1, 1, 0.8, 0), (1, 1, 1.2, 0), (1, 1, 1, -0.1), (1, 1, 1, 0.1))),
+             jitter([0, 1, 2, 3], 1.4, 0.6, 1.2, 0.1), jitter([3, 2, 1, 0], 1.4, 0.6, 1.2, 0.1),
+             dict(flip=True, gray=True, sigma=1.0, solarize=True, jitter=([2, 0, 3, 1], 0.7, 1.3, 0.9, -0.05))]
+    choices = [dict(dict(flip=False, jitter=None, gray=False, sigma=None, solarize=False), **c) for c in cases]
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).resize((64, 64), Image.BICUBIC)
+              for _ in choices]  # smooth, and each its own
+    got = augment(torch.stack([to_tensor(i) for i in images]), torch.stack([pack(c) for c in choices]))
+    for img, c, g in zip(images, choices, got):
+        assert (g - apply_view(img, c).float()).abs().mean() < 2.0, c
+
+
+def test_device_augmentation_draws_the_cpu_paths_views(tmp_path):
+    """TwoViews(on_device=True) makes the same crops and draws the same choices as the PIL path, so both
+    pipelines sample one distribution (README's table) and a --gpu-aug run's data is seeded like any other.
+    On these noise images the two paths' rounding differs by up to ~4 of 255; another crop or flip gives ~25+."""
+    ds = train.dataset("folder", image_folder(tmp_path, per_class=6, splits=("train",)))
+    cpu, gpu = (train.Seeded(ds, train.TwoViews(32, on_device=d), seed=0) for d in (False, True))
+    for i in range(len(ds)):
+        for want, (crop, p) in zip(cpu[i][0], gpu[i][0]):
+            assert crop.dtype == torch.uint8 and (augment(crop[None], p[None])[0] - want).abs().mean() < 5.0
+
+
 def test_two_views_decode_a_jpeg_once_at_the_scale_its_crops_allow(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
@@ -658,7 +689,7 @@ def test_second_epoch_draws_new_views_and_noise(tmp_path):
     sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(1)
     (y1, y2), labels = torch.utils.data.default_collate([ds[i] for i in sampler])
-    y1, y2 = train.normalize(y1), train.normalize(y2)
+    y1, y2 = normalize(y1), normalize(y2)
     torch.manual_seed(0)
     model = BlockResNet(**train.model_config(args, 2)).train()
     torch.manual_seed(train.step_seed(0, 0, 1, 0))
@@ -726,7 +757,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         sampler.set_epoch(0)
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
         torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
-        views = [model.blockwise(train.normalize(v)) for v in batch[0]]
+        views = [model.blockwise(normalize(v)) for v in batch[0]]
         feats = [[model.heads[k](next(v)) for v in views] for k in range(4)]  # per-rank BatchNorm statistics
         halves.append(list(zip(*feats)))
     total = 0
@@ -801,6 +832,21 @@ def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(referen
     assert weights(out)["step"] > 0  # saved in the middle of an epoch
     subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
     assert_same_run(ref, weights(out))
+
+
+def test_gpu_aug_run_resumes_exactly(reference, tmp_path):
+    """--gpu-aug (on CPU here, the same code): killed after its first epoch, the run resumes bit for bit."""
+    cmd, _ = reference
+    cmd = cmd + ["--gpu-aug"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=HERE, check=True, capture_output=True)
+    out = tmp_path / "out"
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
+    while p.poll() is None and not (out / "checkpoint.pth").exists():
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert_same_run(weights(tmp_path / "full"), weights(out))
 
 
 def expect_one_line_error(capsys, argv, fragment, entry=train):

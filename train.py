@@ -26,7 +26,7 @@ import recompute
 from blockwise import ARCHS, POOLINGS, BlockResNet
 from cli import (STOP, Abort, FolderLock, Parser, clock, one_line, quiet_worker, run, setup_distributed,
                  start_workers, stop_on_signals)
-from data import DATASETS, Seeded, TwoViews, dataset, normalize, probe_transforms
+from data import DATASETS, Seeded, TwoViews, dataset, probe_transforms, to_device
 
 
 def get_args(argv=None):
@@ -76,6 +76,8 @@ def get_args(argv=None):
     a("--recompute", "--checkpoint", default="none", choices=recompute.MODES, help="recompute in the backward "
       "instead of storing: heads = the CbE maps, all = those and every residual unit (default: %(default)s)")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="data loading processes per process")
+    a("--gpu-aug", action="store_true", help="flip, colour jitter, grayscale, blur and solarize run batched on the "
+      "device, each image with its own draw; the workers only decode and crop (README, \"The data pipeline\")")
     a("--seed", type=int, default=0, help="seed of the weights, the data order and every augmentation")
     a("--out", default="./runs/blockwise", help="output directory; an existing run in it is resumed")
     a("--print-freq", type=int, default=50, help="steps between progress lines (and at least one every 30 s)")
@@ -271,7 +273,7 @@ def fit(args, device, rank, world):
         check_free_space(args.out, model)
     start_epoch, start_step = resume(model, optimizer, config, ckpt_path, world, args, len(train_set))
 
-    data = Seeded(train_set, TwoViews(args.image_size, args.crop_scale), args.seed)
+    data = Seeded(train_set, TwoViews(args.image_size, args.crop_scale, on_device=args.gpu_aug), args.seed)
     sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps = len(sampler) // (args.batch_size // world)
     if steps == 0:
@@ -320,7 +322,7 @@ def train_one_epoch(model, optimizer, loss_fns, loader, phases, epoch, first, st
     set_trainable(model, phase)
     owners, t0, seen, shown = grad_owners(model, phase), time.time(), 0, 0.0
     for i, ((y1, y2), labels) in enumerate(start_workers(loader), start=first):
-        y1, y2 = (normalize(y.to(device, non_blocking=True)).contiguous(memory_format=fmt) for y in (y1, y2))
+        y1, y2 = (to_device(y, device).contiguous(memory_format=fmt) for y in (y1, y2))
         labels = labels.to(device, non_blocking=True)
         in_phase = (epoch % args.epochs) * steps + i  # sequential mode: each block has its own schedule
         lr = learning_rate(in_phase, args.epochs * steps, args.warmup_epochs * steps, args.lr * args.batch_size / 256)
@@ -484,7 +486,7 @@ def read_checkpoint(path):
 
 
 # Flags a resumed run may change: they change neither the model nor the numbers it computes (README).
-RESUMABLE = {"epochs", "workers", "print_freq", "data", "out", "compile", "recompute", "channels_last",
+RESUMABLE = {"epochs", "workers", "gpu_aug", "print_freq", "data", "out", "compile", "recompute", "channels_last",
              "monitor_every", "monitor_images", "timeout"}
 
 
