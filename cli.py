@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -113,8 +114,12 @@ def say(message, code):
 
 
 def peer_failure(e):
-    """Whether an error is a collective that failed because another process failed, stalled or vanished."""
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "Timed out", "Connection"))
+    """Whether an error is a collective that failed because another process failed, stalled or vanished: raised
+    inside torch.distributed (gloo's messages vary: "Timed out", "Connection closed by peer", "Application
+    timeout caused pair closure", ...)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    inside = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames)
+    return isinstance(e, dist.DistError) or inside or any(s in str(e) for s in ("gloo", "NCCL", "Timed out"))
 
 
 class FolderLock:
