@@ -37,14 +37,7 @@ def draw_view(blur_p, solarize_p):
     return p
 
 
-def shift_hue(img, hue):
-    """torchvision's adjust_hue on a PIL image (HSV, hue rotated by hue x 255 mod 256), with a lookup table."""
-    h, s, v = img.convert("HSV").split()
-    shift = int(np.uint8(np.float32(hue * 255)))  # as torchvision: np.uint8(hue_factor * 255)
-    return Image.merge("HSV", (h.point([(i + shift) % 256 for i in range(256)]), s, v)).convert("RGB")
-
-
-JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, shift_hue)
+JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 def apply_view(img, p):
