@@ -133,8 +133,6 @@ def blur(x, sigma, radius=8):
     """A Gaussian blur with one sigma per image (radius 8 = 4 x the largest sigma), separable, the edge pixels
     repeated (as PIL's); one grouped convolution over the batch for each direction."""
     n, c, h, w = x.shape
-    if n == 0:
-        return x
     radius = min(radius, h - 1, w - 1)
     k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=x.device) / sigma.view(-1, 1)) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)
@@ -145,25 +143,35 @@ def blur(x, sigma, radius=8):
 
 def augment(x, p):
     """TwoViews' choices `p` (B x 13, `pack`) applied to a batch of uint8 crops x on their device, each image
-    with its own: the same operations as `apply_view`, in float. Returns floats in [0, 255] for `normalize`."""
-    x = x.float() / 255
-    x = torch.where(p[:, 0].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+    with its own: the same operations as `apply_view`, in float. Returns floats in [0, 255] for `normalize`.
+    p stays on the host: which images each operation takes is known there, so the device is never waited for."""
+    p, x = p.cpu(), x.float() / 255
+
+    def apply(chosen, op, *factors):  # op on the images `chosen`, with their factors
+        idx = chosen.nonzero().squeeze(1)
+        if len(idx):
+            i, f = host_to(idx, x.device), [host_to(f[idx], x.device) for f in factors]
+            x.index_copy_(0, i, op(x.index_select(0, i), *f))
+
+    apply(p[:, 0] > 0, lambda y: y.flip(-1))
     for j in range(4):  # the jitter's four operations, in each image's own order
         for op in range(4):
-            s = p[:, 1].bool() & (p[:, 2 + j] == op)
-            x[s] = JITTER_BATCH[op](x[s], p[s, 6 + op])
-    s = p[:, 10].bool()
-    x[s] = gray(x[s]).expand(-1, 3, -1, -1)
-    s = p[:, 11] > 0
-    x[s] = blur(x[s], p[s, 11])
-    x = torch.where(p[:, 12].bool().view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+            apply((p[:, 1] > 0) & (p[:, 2 + j] == op), JITTER_BATCH[op], p[:, 6 + op])
+    apply(p[:, 10] > 0, lambda y: gray(y).expand(-1, 3, -1, -1))
+    apply(p[:, 11] > 0, blur, p[:, 11])
+    apply(p[:, 12] > 0, lambda y: torch.where(y >= 128 / 255, 1 - y, y))
     return x * 255
+
+
+def host_to(t, device):
+    """A small host tensor to `device` without waiting: a copy from pageable memory would wait for the GPU."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def to_device(view, device):
     """A batch of one view from TwoViews -> normalised floats on `device`; with `on_device`, augmented there."""
     if isinstance(view, (tuple, list)):  # (uint8 crops, their choices)
-        return normalize(augment(*(t.to(device, non_blocking=True) for t in view)))
+        return normalize(augment(view[0].to(device, non_blocking=True), view[1]))
     return normalize(view.to(device, non_blocking=True))
 
 
