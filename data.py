@@ -165,7 +165,7 @@ def augment(x, p):
 
 def host_to(t, device):
     """A small host tensor to `device` without waiting: a copy from pageable memory would wait for the GPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def to_device(view, device):
