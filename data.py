@@ -106,7 +106,9 @@ def pack(p):
 
 
 def gray(x):
-    return (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    """Luma (ITU-R 601-2, as PIL's and torchvision's grayscale), B x 1 x H x W. Here and below no tensor is made
+    from Python numbers on the device: that copy would wait for the GPU."""
+    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
 
 
 def rotate_hue(x, hue):
@@ -115,7 +117,7 @@ def rotate_hue(x, hue):
     r, g, b, d = *x.unbind(1), (v - m).clamp_min(1e-12)
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2 + (b - r) / d, 4 + (r - g) / d))
     h = (h / 6 + hue.view(-1, 1, 1)) % 1
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    k = torch.stack([(n + 6 * h) % 6 for n in (5, 3, 1)], 1)  # R, G, B
     return v.unsqueeze(1) - (v - m).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -177,8 +179,7 @@ def to_device(view, device):
 
 def normalize(x):
     """uint8 images (B x 3 x H x W) -> float, normalised with ImageNet's mean and std, on x's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = (host_to(torch.tensor(v).view(1, 3, 1, 1) * 255, x.device) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (x.float() - mean) / std
 
 
