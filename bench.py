@@ -293,6 +293,9 @@ def loop_rate(args, extra, warm=3):
 def loop(args):
     """The loop a user runs against what it is made of: is the data pipeline the limit? Both pipelines."""
     name = args.configs or ("ours bf16 compile" if torch.cuda.is_available() else "ours fp32 compile")
+    if args.dataset == "fake":  # as many generated images as the timed steps take, in an image folder
+        args = argparse.Namespace(**{**vars(args), "dataset": "folder",
+                                     "data": data.fake_root(args.data, (3 + args.loop_steps) * args.batch_size)})
     r = dict(config=name, aug_per_core=augmentation_rate(args), crop_per_core=augmentation_rate(args, True),
              device_aug=device_augmentation_rate(args))
     torch.set_num_threads(os.cpu_count())

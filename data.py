@@ -1,6 +1,7 @@
 """Data: Barlow Twins' two-view augmentations (used unchanged by the paper) and the datasets."""
 import gzip
 import math
+import multiprocessing
 import os
 import shutil
 
@@ -278,26 +279,33 @@ def balanced_subset(targets, limit, seed=0):
     return keys.argsort()[:limit].sort().values.tolist()  # round robin: 1st of each class, 2nd of each, ...
 
 
-def fake_root(root, classes=10, per_class=(100, 10), size=(500, 375)):
-    """--dataset fake: JPEGs of a typical ImageNet size, generated once into root/fake/{train,val} (smooth
-    random colours plus grain, 10 classes), to smoke-test and benchmark the loop without a dataset."""
-    path = os.path.join(root, "fake")
+def fake_root(root, train_images=1000, classes=10, size=(500, 375)):
+    """--dataset fake: JPEGs of a typical ImageNet size (smooth random colours plus grain), generated once into
+    root/fake/{train,val}, 1,000 training images and 100 for val, to smoke-test and benchmark without a dataset.
+    bench.py --loop asks for more (root/fake-N, an image folder): its steps must outlast the workers' prefetch."""
+    train_images = max(train_images, 1000)
+    path = os.path.join(root, "fake" if train_images == 1000 else f"fake-{train_images}")
     if not os.path.isdir(path):
-        rng, part = np.random.default_rng(0), f"{path}.{os.getpid()}.part"
-        for split, n in zip(("train", "val"), per_class):
-            for c in range(classes):
-                os.makedirs(os.path.join(part, split, f"class{c}"))
-                for i in range(n):
-                    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
-                    smooth = smooth.resize(size, Image.BICUBIC)
-                    grain = rng.normal(0, 12, (size[1], size[0], 3))
-                    img = Image.fromarray(np.clip(np.asarray(smooth) + grain, 0, 255).astype(np.uint8))
-                    img.save(os.path.join(part, split, f"class{c}", f"{i}.jpg"), quality=90)
+        part = f"{path}.{os.getpid()}.part"
+        jobs = [(part, split, c, n, size) for split, n in (("train", -(-train_images // classes)), ("val", 10))
+                for c in range(classes)]
+        with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count())) as pool:
+            pool.starmap(fake_class, jobs)
         try:
             os.rename(part, path)
         except OSError:  # another process made it first
             shutil.rmtree(part)
     return path
+
+
+def fake_class(part, split, c, n, size):
+    rng = np.random.default_rng([c, split == "train"])
+    os.makedirs(os.path.join(part, split, f"class{c}"))
+    for i in range(n):
+        smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        grain = rng.normal(0, 12, (size[1], size[0], 3))
+        img = Image.fromarray(np.clip(np.asarray(smooth) + grain, 0, 255).astype(np.uint8))
+        img.save(os.path.join(part, split, f"class{c}", f"{i}.jpg"), quality=90)
 
 
 def dataset(name, root, train=True, limit=0, seed=0):
