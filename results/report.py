@@ -63,16 +63,17 @@ def plot(groups, path):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    plt.figure(figsize=(7, 4.5))
-    for name, g in groups.items():
+    plt.figure(figsize=(8, 5.5))
+    for i, (name, g) in enumerate(groups.items()):
         stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
         xs = sorted(stages[0])
         ys = [np.mean([s[x] for s in stages]) for x in xs]
-        plt.errorbar(xs, ys, yerr=[np.std([s[x] for s in stages]) for x in xs], marker="o", capsize=3, label=name)
+        plt.errorbar(xs, ys, yerr=[np.std([s[x] for s in stages]) for x in xs], marker="os^Dv"[i % 5], capsize=3,
+                     label=name, color=plt.cm.tab20(i % 20), linestyle="-" if i < 10 else "--")
     plt.xticks([1, 2, 3, 4])
     plt.xlabel("block (ResNet stage it ends at)")
     plt.ylabel("linear probe top-1 (%), Fashion-MNIST test")
-    plt.legend(fontsize=7)
+    plt.legend(fontsize=7, ncol=2)
     plt.grid(alpha=0.3)
     plt.tight_layout()
     plt.savefig(path, dpi=110)
