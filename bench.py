@@ -62,7 +62,8 @@ def get_args(argv=None):
     a("--pooling", default="cbe")
     a("--head-dim", type=int, default=2048)
     a("--loop", action="store_true", help="time the whole training loop instead (train.py: data loading, workers, "
-      "two-view augmentation, step) beside the step alone and the augmentation alone")
+      "two-view augmentation, step), with the CPU pipeline and with --gpu-aug, beside the step alone and each "
+      "pipeline's work alone")
     a("--dataset", default="fake", help="--loop: a dataset of train.py (fake = generated 500x375 JPEGs)")
     a("--data", default="./data", help="--loop: its root")
     a("--workers", type=int, default=min(8, os.cpu_count()), help="--loop: data-loading processes")
@@ -238,11 +239,16 @@ def main(args):
             json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows), f, indent=1)
 
 
+def two_views(args, on_device):
+    """train.py's augmented training set, with either pipeline."""
+    return data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=on_device))
+
+
 def augmentation_rate(args, on_device=False, images=64):
     """Two views of one image per call, in this process on one core: images/s per core. on_device: only what
     the workers do under --gpu-aug (decode, crop, draw the choices)."""
     torch.set_num_threads(1)
-    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=on_device))
+    ds = two_views(args, on_device)
     ds[0]
     t0 = time.perf_counter()
     for i in range(1, images + 1):
@@ -255,7 +261,7 @@ def device_augmentation_rate(args, reps=5):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(os.cpu_count())
-    ds = data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=True))
+    ds = two_views(args, on_device=True)
     views, _ = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(args.batch_size)])
     views = [[t.to(device) for t in view] for view in views]
     for _ in range(2):  # warm-up, then timed

@@ -485,7 +485,7 @@ def read_checkpoint(path):
     return ckpt
 
 
-# Flags a resumed run may change: they change neither the model nor the numbers it computes (README).
+# Flags a resumed run may change: they change neither the model nor its data, only how it is computed (README).
 RESUMABLE = {"epochs", "workers", "gpu_aug", "print_freq", "data", "out", "compile", "recompute", "channels_last",
              "monitor_every", "monitor_images", "timeout"}
 
