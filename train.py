@@ -420,6 +420,9 @@ def compile_heads(model):
     """torch.compile each head and projector in place (state_dict keys unchanged): it fuses CbE's BN + ReLU +
     pool and stores less (bench.py). The trunk stays eager (slower compiled, README); so does a LeanCbE head,
     whose hand-written autograd compile would not trace."""
+    # The heads share one forward, compiled once per head, mode (train, eval) and batch size (a monitor's last
+    # batch): more than dynamo's default of 8, past which it warns and runs the rest eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(model.heads))
     for m in [*model.heads, *model.projectors]:
         if not recompute.is_lean(m):
             m.compile()
