@@ -12,8 +12,10 @@ so that glibc hands freed tensors back to the OS and the RSS follows the live me
 allocator, freed activations stay resident and the peak overstates the step; the setting slows the
 step, so it is not used for timing). "above torch" subtracts the RSS of the process after importing
 torch and torchvision, before any tensor: like max_memory_allocated on a GPU, it counts tensors only.
-FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted): the
-model's FLOPs, on which MFU is computed, and in brackets those run, with checkpointing's recomputation.
+FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted), in an eager step
+before the warm-up: the model's FLOPs, on which MFU is computed, and those run, with recomputation. The warm-up
+steps (compilation included) come before the peak-memory reset and the timed steps. MFU's yardstick is this
+device's dense matmul rate in the step's precision: bf16, or fp32 as train.py runs it (TF32 on GPUs).
 """
 import argparse
 import json
@@ -26,11 +28,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import augment
+import bookkeeping
 import data
 import losses
 import recompute
 import train
-from blockwise import BlockResNet
+from blockwise import ARCHS, POOLINGS, BlockResNet
+from cli import COUNT, POSITIVE_INT, Abort, Parser, run
 
 # name: (schedule, options); options: bf16, channels_last, recompute (heads/all), compile
 CONFIGS = {
@@ -41,6 +46,7 @@ CONFIGS = {
     "ours fp32 ckpt-head": ("ours", {"recompute": "heads"}),
     "ours fp32 ckpt-all": ("ours", {"recompute": "all"}),
     "ours fp32 channels-last": ("ours", {"channels_last": True}),
+    "e2e bf16": ("e2e", {"bf16": True}),
     "released bf16": ("released", {"bf16": True}),
     "ours bf16": ("ours", {"bf16": True}),
     "ours bf16 channels-last": ("ours", {"bf16": True, "channels_last": True}),
@@ -53,22 +59,23 @@ DEFAULT_CPU = ["e2e fp32", "released fp32", "ours fp32", "ours fp32 compile", "o
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     a = p.add_argument
-    a("--arch", default="resnet50")
-    a("--image-size", type=int, default=224)
-    a("--batch-size", type=int, default=8, help="images per view per step")
-    a("--projector", default="2048-2048-2048")
-    a("--pooling", default="cbe")
-    a("--head-dim", type=int, default=2048)
+    a("--arch", default="resnet50", choices=ARCHS)
+    a("--image-size", type=POSITIVE_INT, default=224)
+    a("--batch-size", type=POSITIVE_INT, default=8, help="images per view per step")
+    a("--projector", default="2048-2048-2048", type=train.widths)
+    a("--pooling", default="cbe", choices=POOLINGS)
+    a("--head-dim", type=POSITIVE_INT, default=2048)
     a("--loop", action="store_true", help="time the whole training loop instead (train.py: data loading, workers, "
       "two-view augmentation, step), with the CPU pipeline and with --gpu-aug, beside the step alone and each "
       "pipeline's work alone")
-    a("--dataset", default="fake", help="--loop: a dataset of train.py (fake = generated 500x375 JPEGs)")
+    a("--dataset", default="fake", choices=data.DATASETS, help="--loop: a dataset of train.py (fake = generated "
+      "500x375 JPEGs)")
     a("--data", default="./data", help="--loop: its root")
-    a("--workers", type=int, default=min(8, os.cpu_count()), help="--loop: data-loading processes")
-    a("--loop-steps", type=int, default=20, help="--loop: steps timed, after 3 warm-up steps")
-    a("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    a("--workers", type=COUNT, default=min(8, os.cpu_count()), help="--loop: data-loading processes")
+    a("--loop-steps", type=POSITIVE_INT, default=20, help="--loop: steps timed, after 3 warm-up steps")
+    a("--steps", type=POSITIVE_INT, default=3, help="timed steps after two warm-up steps")
     a("--configs", default="", help=f"'all' or a comma list from: {', '.join(CONFIGS)}. Default on GPU: all; "
       f"on CPU (about 7 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
       "AVX512-BF16/AMX, and channels-last did not win here. --loop: the one configuration whose flags train.py "
@@ -76,13 +83,19 @@ def get_args(argv=None):
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
     a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    names = list(CONFIGS) if args.configs == "all" else [c for c in args.configs.split(",") if c]
+    if any(n not in CONFIGS for n in names):
+        p.error(f"argument --configs: unknown {next(n for n in names if n not in CONFIGS)!r}; choose from "
+                f"{', '.join(CONFIGS)}")
+    return args
 
 
 def setup(args, schedule, opt):
     """Model, optimizer, two random views and the step function of one configuration."""
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train.configure(device)  # cuDNN autotuning and TF32, as train.py
     widths = [int(w) for w in args.projector.split("-")]
     model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
                         head_dim=args.head_dim, noise=0.0 if schedule == "e2e" else 0.25,
@@ -96,8 +109,6 @@ def setup(args, schedule, opt):
     optimizer = train.LARS(model.parameters(), lr=0.1)
     active = list(range(len(model.blocks)))
     owners = train.grad_owners(model, active)
-    if opt.get("compile"):
-        train.compile_heads(model)
 
     def released():  # the authors' order: all forwards, then one backward per block (Algorithm 1)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -128,16 +139,22 @@ def worker(args, name):
     runtime = rss_mib("VmRSS")  # torch + torchvision imported, no model yet
     model, step, device = setup(args, schedule, opt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    flops = dict(run=count_flops(step))  # eager, before compiling: FlopCounterMode does not see inside compiled code
+    if opt.get("recompute"):  # MFU counts the model's FLOPs, not the recomputed ones
+        recompute.apply(model, "none")
+        flops["model"] = count_flops(step)
+        recompute.apply(model, opt["recompute"])
+    if opt.get("compile"):
+        train.compile_heads(model)
     if args.worker_memory:  # CPU: two steps (the first creates LARS's momentum), then the peak RSS
         step()
         step()
         return dict(peak_mib=rss_mib("VmHWM"), runtime_mib=runtime)
     t0 = time.perf_counter()
-    with FlopCounterMode(display=False) as fc:  # the warm-up step (and compilation) counts the FLOPs run
+    for _ in range(2):  # warm-up: compilation, cuDNN's autotuning, LARS's momentum
         step()
     sync()
     warmup = time.perf_counter() - t0
-    flops = {"run": fc.get_total_flops(), "model": fc.get_total_flops()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -148,24 +165,28 @@ def worker(args, name):
         times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]  # the median step: one slow step (another process, a page-in) does not count
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_mib("VmHWM")
-    if opt.get("recompute"):  # MFU counts the model's FLOPs, not the recomputed ones
-        recompute.apply(model, "none")
-        with FlopCounterMode(display=False) as fc:
-            step()
-        flops["model"] = fc.get_total_flops()
     return dict(config=name, sec_per_step=sec, img_per_s=args.batch_size / sec,
-                gflop_per_img=flops["model"] / args.batch_size / 1e9,
+                gflop_per_img=flops.get("model", flops["run"]) / args.batch_size / 1e9,
                 executed_gflop_per_img=flops["run"] / args.batch_size / 1e9,
                 peak_mib=peak, runtime_mib=0, warmup_s=warmup, device=device.type)
 
 
+def count_flops(step):
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
+
+
 def matmul_peak(dtype, seconds=1.0):
-    """This machine's dense matmul FLOP/s (the best over square sizes 512 to 4096, about a second each,
-    stopping early where one product is already slow): the yardstick of the MFU column."""
+    """This device's dense matmul FLOP/s in `dtype` (fp32 as train.py computes it: TF32 on GPUs), the best over
+    square sizes 512 to 8192, each timed over about a second of back-to-back products with one synchronisation
+    at the end; sizes stop growing once one product takes a quarter of that. The yardstick of the MFU column."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     best = 0.0
-    for n in (512, 1024, 2048, 4096):
+    for n in (512, 1024, 2048, 4096, 8192):
         if best and 2 * n ** 3 / best > seconds / 4:
             break
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -173,9 +194,12 @@ def matmul_peak(dtype, seconds=1.0):
         sync()
         t0, reps = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
-            a @ b
-            sync()
-            reps += 1
+            for _ in range(10):
+                a @ b
+            reps += 10
+            if device == "cpu" or reps % 100 == 0:
+                sync()
+        sync()
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
     return best
 
@@ -192,24 +216,26 @@ def measure(args, name):
         r = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True,
                            env={**os.environ, **env})
         if r.returncode:
-            print(f"{name}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            print(f"{name}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}",
+                  flush=True)
             return None
         row.update(json.loads(r.stdout.strip().splitlines()[-1]))
     return row
 
 
 def main(args):
+    if args.worker:
+        return print(json.dumps(worker(args, args.worker)))
+    if args.loop:
+        return loop(args)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    rows, cuda = [], torch.cuda.is_available()
-    if args.configs:
-        names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
-    else:
-        names = list(CONFIGS) if cuda else DEFAULT_CPU
+    rows, cuda, failed = [], torch.cuda.is_available(), []
+    names = (list(CONFIGS) if args.configs == "all" else args.configs.split(",")) if args.configs else \
+        (list(CONFIGS) if cuda else DEFAULT_CPU)
     for name in names:
-        if name not in CONFIGS:
-            sys.exit(f"bench.py: error: unknown config {name!r}; choose from {', '.join(CONFIGS)}")
         row = measure(args, name)
         if row is None:
+            failed.append(name)
             continue
         row["mfu"] = row["gflop_per_img"] * 1e9 * row["img_per_s"] / peaks["bf16" if "bf16" in name else "fp32"]
         rows.append(row)
@@ -236,12 +262,14 @@ def main(args):
                   f", FLOPs x{base[a]['gflop_per_img'] / base[b]['gflop_per_img']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows), f, indent=1)
+            json.dump(dict(args=vars(args), matmul_peak=peaks, rows=rows, env=bookkeeping.environment()), f, indent=1)
+    if failed:
+        raise Abort(f"{len(failed)} configuration(s) failed: {', '.join(failed)}")
 
 
 def two_views(args, on_device):
     """train.py's augmented training set, with either pipeline."""
-    return data.Seeded(data.dataset(args.dataset, args.data), data.TwoViews(args.image_size, on_device=on_device))
+    return data.Seeded(data.dataset(args.dataset, args.data), augment.TwoViews(args.image_size, on_device=on_device))
 
 
 def augmentation_rate(args, on_device=False, images=64):
@@ -257,19 +285,19 @@ def augmentation_rate(args, on_device=False, images=64):
 
 
 def device_augmentation_rate(args, reps=5):
-    """--gpu-aug's share on the device (`data.augment` + normalisation of both views of a batch): images/s."""
+    """--gpu-aug's share on the device (`augment.augment` + normalisation of both views of a batch): images/s."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(os.cpu_count())
     ds = two_views(args, on_device=True)
     views, _ = torch.utils.data.default_collate([ds[i % len(ds)] for i in range(args.batch_size)])
-    views = [[t.to(device) for t in view] for view in views]
+    views = [(crops.to(device), choices) for crops, choices in views]
     for _ in range(2):  # warm-up, then timed
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
-            for view in views:
-                data.to_device(view, device)
+            for crops, choices in views:
+                augment.normalize(augment.augment(crops, choices))
         sync()
     return reps * args.batch_size / (time.perf_counter() - t0)
 
@@ -289,9 +317,11 @@ def loop_rate(args, extra, warm=3):
                args.projector, "--head-dim", str(args.head_dim), "--pooling", args.pooling, "--workers",
                str(args.workers), "--epochs", "1", "--warmup-epochs", "0", "--print-freq", "1", "--monitor-every",
                "0", "--limit", str((warm + args.loop_steps) * args.batch_size), "--out", out, *extra]
+        if not torch.cuda.is_available():
+            cmd += ["--device", "cpu"]
         r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
         if r.returncode:
-            sys.exit(f"bench.py: error: the loop failed: {r.stderr.strip().splitlines()[-1]}")
+            raise Abort(f"the loop failed: {r.stderr.strip().splitlines()[-1]}")
         t = [e["time"] for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "time" in e]
     return (len(t) - warm) * args.batch_size / (t[-1] - t[warm - 1])
 
@@ -305,7 +335,10 @@ def loop(args):
     r = dict(config=name, aug_per_core=augmentation_rate(args), crop_per_core=augmentation_rate(args, True),
              device_aug=device_augmentation_rate(args))
     torch.set_num_threads(os.cpu_count())
-    r["step"] = measure(args, name)["img_per_s"]
+    step = measure(args, name)
+    if step is None:
+        raise Abort(f"the step alone ({name}) failed")
+    r["step"] = step["img_per_s"]
     r["loop"], r["loop_gpu_aug"] = (loop_rate(args, train_flags(name) + x) for x in ([], ["--gpu-aug"]))
     print(f"step ({name}) alone: {r['step']:.1f} images/s; {args.image_size} px, {args.dataset}, "
           f"{args.workers} workers")
@@ -318,12 +351,8 @@ def loop(args):
           f"images/s = {r['loop_gpu_aug'] / r['step']:.2f} x the step")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), **r), f, indent=1)
+            json.dump(dict(args=vars(args), **r, env=bookkeeping.environment()), f, indent=1)
 
 
 if __name__ == "__main__":
-    args = get_args()
-    if args.worker:
-        print(json.dumps(worker(args, args.worker)))
-    else:
-        loop(args) if args.loop else main(args)
+    run(main, get_args(), "bench.py")

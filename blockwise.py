@@ -1,8 +1,8 @@
 """The model of "Blockwise Self-Supervised Learning at Scale" (Siddiqui et al., TMLR 2024).
 
-A torchvision ResNet cut into blocks joined by a stop-gradient (§3.1, Fig. 2). `BlockResNet.blockwise`
-is Algorithm 1 (Appendix E): it yields each block's output in turn. Each block has its own pooling head
-(§3.3, Fig. 3) and its own projector (§3.4); training noise (§5) is added to each block's output.
+A torchvision ResNet cut into blocks joined by a stop-gradient (§3.1, Fig. 2). `Blockwise.blockwise` is
+Algorithm 1 (Appendix E): it yields each block's output in turn (for vit.py's ViT too). Each block has its own
+pooling head (§3.3, Fig. 3) and its own projector (§3.4); training noise (§5) is added to each block's output.
 Recomputing activations to save memory is not part of the method: it lives in recompute.py.
 """
 import math
@@ -70,9 +70,11 @@ class Pool(nn.Module):
             self.dim = channels
         elif kind == "lsp":
             if dim % channels or (dim // channels) & (dim // channels - 1):
-                raise ValueError(f"lsp needs {dim} / {channels} channels to be a power of two")
+                raise ValueError(f"--head-dim {dim}: LSP needs {channels} channels times a power of two")
             self.grid, self.dim = lsp_grid(dim // channels), dim
         elif kind.startswith("cbe"):
+            if channels % groups or dim % groups:
+                raise ValueError(f"--groups {groups}: must divide the {channels} channels and --head-dim {dim}")
             self.dim = dim
             self.expand = nn.Sequential(  # Conv-based Expansion; kernel_size: Fig. 12; groups: App. B
                 nn.Conv2d(channels, dim, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
@@ -97,7 +99,57 @@ def projector(in_dim, widths, bias=False):
     return nn.Sequential(*layers)
 
 
-class BlockResNet(nn.Module):
+class Blockwise(nn.Module):
+    """A network trained block by block (§3.1, Fig. 2): `blockwise` is Algorithm 1 (Appendix E), written once for the
+    ResNet below and the Vision Transformer of vit.py. A subclass sets `blocks` (groups of stages, parse_blocks),
+    `noise`, `heads[k]` and `projectors[k]` (block k's), and gives `units(s)`, what stage s runs, and
+    `stage_modules(s)`, what it trains."""
+
+    def blockwise(self, x, drop=None):
+        """Algorithm 1: yields the output of block 1, 2, ... in turn. Block k starts from the output of
+        the stage before its first stage, through the stop-gradient, so that no loss of block k reaches
+        an earlier block. A caller that back-propagates block k before asking for block k+1 holds one
+        block's graph at a time (train.py); one that needs only the first blocks stops early (probe.py).
+        `drop` (vit.py only, §6): for each block, the fraction of the image's patch tokens it does not see."""
+        outs = {0: x}  # the output of every stage so far: LoCo's next unit starts inside this one
+        for k, stages in enumerate(self.blocks):
+            h = outs[stages[0] - 1].detach()  # the stop-gradient between blocks (Algorithm 1)
+            h = self.enter(h, stages[0], drop[k] if drop else 0.0)
+            for s in stages:
+                for unit in self.units(s):
+                    h = unit(h)
+                outs[s] = h
+            h = outs[s] = add_noise(h, self.noise, self.training)  # §5: before the head and the next block
+            yield h
+
+    def enter(self, h, stage, drop):
+        """A block's input as its first stage takes it: for a ResNet, as it is (vit.py: as tokens, some dropped)."""
+        return h
+
+    def forward(self, x):
+        """One pooled feature per block (the inputs of the projectors)."""
+        return [head(h) for head, h in zip(self.heads, self.blockwise(x))]
+
+    def block_modules(self, k):
+        """Fig. 2: every module that block k trains: its stages, its head (§3.3), its projector (§3.4)."""
+        stages = [m for s in self.blocks[k] for m in self.stage_modules(s)]
+        return stages + [self.heads[k]] + ([self.projectors[k]] if self.projectors is not None else [])
+
+    def stage_keys(self, s):
+        """The state_dict prefixes of stage s's weights."""
+        mine = [id(m) for m in self.stage_modules(s)]
+        return tuple(name + "." for name, m in self.named_modules() if id(m) in mine)
+
+    def trunk_state_dict(self):
+        """The trunk's weights alone, under torchvision's names: the network that the paper probes (§3.1)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("heads.", "projectors."))}
+
+    def own_names(self, trunk):
+        """A trunk_state_dict's keys as this module's own (the same for a ResNet)."""
+        return trunk
+
+
+class BlockResNet(Blockwise):
     """A torchvision ResNet trained block by block; `blockwise` is Algorithm 1 (Appendix E).
 
     The trunk keeps torchvision's names (conv1, bn1, layer1..layer4), so `trunk_state_dict()` loads
@@ -121,24 +173,10 @@ class BlockResNet(nn.Module):
         self.projectors = nn.ModuleList(projector(h.dim, projector_widths) for h in self.heads) \
             if projector_widths else None
 
-    def blockwise(self, x):
-        """Algorithm 1: yields the output of block 1, 2, ... in turn. Block k starts from the output of
-        the stage before its first stage, through the stop-gradient, so that no loss of block k reaches
-        an earlier block. A caller that back-propagates block k before asking for block k+1 holds one
-        block's graph at a time (train.py); one that needs only the first blocks stops early (probe.py)."""
-        outs = {0: x}  # the output of every stage so far: LoCo's next unit starts inside this one
-        for stages in self.blocks:
-            h = outs[stages[0] - 1].detach()  # the stop-gradient between blocks (Algorithm 1)
-            for s in stages:
-                for unit in self.units(s):
-                    h = unit(h)
-                outs[s] = h
-            h = outs[s] = add_noise(h, self.noise, self.training)  # §5: before the head and the next block
-            yield h
-
-    def forward(self, x):
-        """One pooled feature per block (the inputs of the projectors)."""
-        return [head(h) for head, h in zip(self.heads, self.blockwise(x))]
+    @staticmethod
+    def pool_trunk(h):
+        """A block output's global average pool: probe.py --features trunk, and Fig. 8's diagnostics."""
+        return h.mean((2, 3))
 
     def stem(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -147,12 +185,5 @@ class BlockResNet(nn.Module):
         """ResNet stage s as its residual units; §3.1 puts the stem in block 1, as one more unit."""
         return [self.stem, *self.layer1] if s == 1 else list(getattr(self, f"layer{s}"))
 
-    def block_modules(self, k):
-        """Fig. 2: every module that block k trains: its stages, its head (§3.3), its projector (§3.4)."""
-        stages = [m for s in self.blocks[k] for m in ((self.conv1, self.bn1, self.layer1) if s == 1
-                                                      else (getattr(self, f"layer{s}"),))]
-        return stages + [self.heads[k]] + ([self.projectors[k]] if self.projectors is not None else [])
-
-    def trunk_state_dict(self):
-        """The ResNet weights alone, under torchvision's names: the network that the paper probes (§3.1)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("heads.", "projectors."))}
+    def stage_modules(self, s):
+        return (self.conv1, self.bn1, self.layer1) if s == 1 else (getattr(self, f"layer{s}"),)

@@ -1,58 +1,26 @@
-"""What train.py and probe.py share that is not the method: one-line errors, argparse, processes, progress."""
+"""The command line of train.py, probe.py and bench.py: flags checked as they are parsed, one-line errors, what
+the signals do, and progress lines. Nothing here is the method."""
 import argparse
-import datetime
-import fcntl
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
 
-import torch
 import torch.distributed as dist
 
-import losses
+import distributed
 
 
 class Abort(Exception):
     """A bad input or a failed run, reported as one line without a traceback."""
 
 
-STOP = []  # set by SIGTERM or a first Ctrl-C: save at the end of the current step and exit
-
-
-def stop_on_signals():
-    """SIGTERM (preemption, scancel) or a first Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits."""
-    def handler(signum, frame):
-        if signum == signal.SIGINT and STOP:
-            raise KeyboardInterrupt
-        STOP.append(signum)
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
-def quiet_worker(_):
-    """DataLoader workers ignore SIGTERM and SIGINT: Slurm and Ctrl-C signal the whole process group, and a
-    worker that dies first would kill the main process before it saves. Workers exit with their parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # see start_workers
-
-
-def start_workers(loader):
-    """iter(loader), whose workers are born with SIGTERM and SIGINT blocked, so that a signal sent while they
-    start is not lost to them before quiet_worker runs; the main process gets its own copy right after."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
+# ---------------------------------------------------------------- flags
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (the usage of ~35 flags would bury the message)."""
+    """argparse whose errors are one line (the usage of ~40 flags would bury the message)."""
 
     def __init__(self, doc):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,31 +29,106 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def setup_distributed(timeout_min=10.0):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without it we are one process. NCCL on GPUs, gloo on CPU.
-    A collective that waits longer than `timeout_min` for another process fails (one line, see `run`)."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=datetime.timedelta(minutes=timeout_min))
-    return device, (dist.get_rank() if dist.is_initialized() else 0), losses.world_size()
+def checked(kind, ok, what):
+    """An argparse type: a `kind` (int or float) for which `ok(value)` holds; else argparse names the flag and
+    says it must be `what`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
-def one_line(e):
-    """The message of an error, without the worker traceback that DataLoader wraps around it."""
-    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    head, sep, rest = line.partition(": ")
-    return rest if sep and head.endswith("Error") else line
+POSITIVE_INT = checked(int, lambda v: v >= 1, "at least 1")
+COUNT = checked(int, lambda v: v >= 0, "zero or more")
+SEED = checked(int, lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")
+ODD = checked(int, lambda v: v >= 1 and v % 2, "odd and positive (an even kernel grows the map by one)")
+POSITIVE = checked(float, lambda v: v > 0, "positive")
+NON_NEGATIVE = checked(float, lambda v: v >= 0, "zero or more")
+FRACTION = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def run(main, argv, prog):
-    """Entry point of train.py and probe.py: bad input and failed runs end with one line on stderr and exit
-    code 2; under torchrun every failing rank says so, naming itself, and the other ranks stop too."""
-    who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+def numbers(text, flag, n=None, kind=float):
+    """'0.0051' or '0.6,0.75,0.9,1.0' -> floats; with `n`, one value is repeated n times and a list must have n.
+    Raises ValueError naming `flag`."""
+    try:
+        vals = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected a number or a comma list of numbers") from None
+    if n is not None and len(vals) not in (1, n):
+        raise ValueError(f"{flag} {text}: give one value or one per block ({n})")
+    return vals * n if n is not None and len(vals) == 1 else vals
+
+
+# ---------------------------------------------------------------- signals and data-loading workers
+
+STOP = []  # the signals asking this process to save at the end of the current step and exit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+
+
+def stop_on_signals():
+    """SIGTERM (preemption, scancel), SIGUSR1 (Slurm's --signal warning before a time limit), SIGHUP (a closed
+    terminal) or a first Ctrl-C: finish the step, save, exit 0. A second Ctrl-C quits at once."""
+    def handler(signum, frame):
+        if signum == signal.SIGINT and STOP:
+            raise KeyboardInterrupt
+        STOP.append(signum)
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+
+
+class Stopped(BaseException):
+    """A stop signal, raised where the program is (probe.py, which has no step to finish)."""
+
+
+def raise_on_signals():
+    """The stop signals (and a first Ctrl-C) end the program at once, through `run`, which says so."""
+    def handler(signum, frame):
+        raise Stopped(signum)
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+
+
+def quiet_worker(_):
+    """DataLoader workers ignore the stop signals: Slurm and Ctrl-C signal the whole process group, and a worker
+    that dies first would kill the main process before it saves. Workers exit with their parent."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))  # see start_workers
+
+
+def start_workers(loader):
+    """iter(loader), whose workers are born with the stop signals blocked, so that a signal sent while they start
+    is not lost to them before quiet_worker runs; the main process gets its own copy right after. A worker that
+    dies is then noticed where the next batch is fetched (torch checks every 5 s), never in the middle of a step:
+    torch's SIGCHLD handler would raise in whatever line the main process is running, an optimizer step included."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    try:
+        batches = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return batches
+
+
+def worker_died(e):
+    """Whether an error is a data-loading worker that was killed (out of memory, a bus error on a full /dev/shm), or
+    that could not hand its batch over (a full /dev/shm), rather than an error in the data itself."""
+    text = str(e)
+    return any(s in text for s in ("DataLoader worker (pid", "shared memory", "No space left on device"))
+
+
+# ---------------------------------------------------------------- the entry point
+
+def run(main, argv, prog, interrupted="the last checkpoint.pth is kept"):
+    """Entry point of train.py, probe.py and bench.py: bad input and failed runs end with one line on stderr and
+    exit code 2; under torchrun every failing rank says so, naming itself, and the other ranks stop too."""
+    who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else ""
     code = 0
     try:
         main(argv)
@@ -97,10 +140,11 @@ def run(main, argv, prog):
         code = say(f"{prog}: error: {who}stopped: another process failed or did not answer within --timeout "
                    f"({one_line(e)[:200]})", 2)
     except KeyboardInterrupt:
-        code = say(f"{prog}: {who}interrupted (a second Ctrl-C); the last checkpoint is kept", 130)
+        code = say(f"{prog}: {who}interrupted by a second Ctrl-C; {interrupted}", 130)
+    except Stopped as e:
+        code = say(f"{prog}: {who}stopped by {signal.Signals(e.args[0]).name}; {interrupted}", 128 + e.args[0])
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.close()
         for child in multiprocessing.active_children():  # data-loading workers ignore SIGTERM (quiet_worker),
             child.kill()  # so multiprocessing's exit, which sends them SIGTERM and waits, would wait forever
             child.join()
@@ -113,6 +157,13 @@ def say(message, code):
     return code
 
 
+def one_line(e):
+    """The message of an error, without the worker traceback that DataLoader wraps around it."""
+    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    head, sep, rest = line.partition(": ")
+    return rest if sep and head.endswith("Error") else line
+
+
 def peer_failure(e):
     """Whether an error is a collective that failed because another process failed, stalled or vanished: raised
     inside torch.distributed (gloo's messages vary: "Timed out", "Connection closed by peer", "Application
@@ -122,36 +173,11 @@ def peer_failure(e):
     return isinstance(e, dist.DistError) or inside or any(s in str(e) for s in ("gloo", "NCCL", "Timed out"))
 
 
-class FolderLock:
-    """One run per output folder: an exclusive lock on OUT/.lock, which names its holder, for the run's life."""
-
-    def __init__(self, folder):
-        self.path = os.path.join(folder, ".lock")
-        self.file = open(self.path, "a+")
-        try:  # a POSIX lock: not inherited by the data-loading workers that fork from this process
-            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            raise Abort(f"--out {folder} is in use by {holder}; wait for it or choose another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        self.file.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # releases the lock
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
+# ---------------------------------------------------------------- progress
 
 class Ticker:
-    """A progress line (rank 0) at most every `every` seconds and at the end: what, done/total, rate, ETA."""
+    """A progress line (rank 0) at most every `every` seconds and at the end: what, done/total, rate, ETA.
+    `extra` may be a function, called only when a line is printed (it may wait for the GPU)."""
 
     def __init__(self, what, total, unit="batches", every=30.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
@@ -159,9 +185,10 @@ class Ticker:
 
     def __call__(self, done, extra=""):
         now = time.time()
-        if rank() or (now - self.last < self.every and done < self.total):
+        if distributed.rank() or (now - self.last < self.every and done < self.total):
             return
         self.last, rate = now, done / max(now - self.t0, 1e-9)
+        extra = extra() if callable(extra) else extra
         print(f"{self.what}: {done}/{self.total} {self.unit} | {rate:.3g} {self.unit}/s | "
               f"ETA {clock((self.total - done) / max(rate, 1e-9))}{' | ' + extra if extra else ''}", flush=True)
 

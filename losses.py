@@ -16,7 +16,7 @@ LOSSES = ("barlowtwins", "vicreg", "simclr", "supervised")
 
 
 def _distributed():  # §3.4: the paper trains on many GPUs; the loss must be that of the global batch
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized()  # one process in a group too: the same code path
 
 
 class _AllReduce(torch.autograd.Function):
@@ -62,7 +62,7 @@ def all_gather(x):  # the global batch (Fig. 5 losses)
     return _AllGather.apply(x) if _distributed() else x
 
 
-def world_size():  # §3.4: batch 2048 spread over the processes
+def _world_size():  # §3.4: batch 2048 spread over the processes
     return dist.get_world_size() if _distributed() else 1
 
 
@@ -79,23 +79,30 @@ def fp32(loss):
     return wrapper
 
 
-def standardize(z, eps=1e-5):
+def standardize(z, eps=1e-5, weight=None):
     """Eq. (1)'s normalisation: standardise each dimension over the global batch
     (BatchNorm1d(affine=False): centred, biased variance). Eq. (1) of the paper omits the centring; the Barlow
-    Twins code has it."""
-    n = z.shape[0] * world_size()
-    mean = all_reduce(z.sum(0)) / n
-    var = all_reduce((z - mean).pow(2).sum(0)) / n
+    Twins code has it. `weight` (App. A's routing): one weight per sample, as if sample b appeared weight[b] times."""
+    w, n = _weights(z, weight)
+    mean = all_reduce((w * z).sum(0)) / n
+    var = all_reduce((w * (z - mean).pow(2)).sum(0)) / n
     return (z - mean) / (var + eps).sqrt()
 
 
+def _weights(z, weight):  # a column of sample weights (ones by default), and their sum over the global batch
+    if weight is None:
+        return z.new_ones(len(z), 1), len(z) * _world_size()
+    return weight[:, None], all_reduce(weight.sum())
+
+
 @fp32
-def barlow_twins(z1, z2, lambd=0.0051, scale=0.024, target=1.0):
+def barlow_twins(z1, z2, lambd=0.0051, scale=0.024, target=1.0, weight=None):
     """Eq. (1)-(2): C = z1^T z2 / B on batch-standardised z;
     loss = scale * (sum_i (target - C_ii)^2 + lambd * sum_{i != j} C_ij^2).
-    `target` is the invariance target of Appendix A (1.0 in the paper's main runs)."""
-    n = z1.shape[0] * world_size()
-    c = all_reduce(standardize(z1).T @ standardize(z2)) / n  # Eq. (1), summed over ranks
+    `target` is the invariance target of Appendix A (1.0 in the paper's main runs); `weight`, one weight per sample
+    (App. A's routing): C = sum_b w_b z1_b z2_b^T / sum_b w_b, with z standardised with the same weights."""
+    w, n = _weights(z1, weight)
+    c = all_reduce((w * standardize(z1, weight=weight)).T @ standardize(z2, weight=weight)) / n  # Eq. (1), all ranks
     on_diag = (target - torch.diagonal(c)).pow(2).sum()  # invariance term
     off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()  # redundancy reduction term
     return scale * (on_diag + lambd * off_diag)  # Eq. (2)
@@ -127,7 +134,7 @@ def simclr(z1, z2, temperature=0.1):
     n = z.shape[0] // 2
     logits = z @ z.T / temperature
     logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    twin = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(n, device=z.device)])
     return F.cross_entropy(logits, twin)
 
 

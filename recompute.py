@@ -10,11 +10,11 @@ import functools
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 from blockwise import global_pool
 
 MODES = ("none", "heads", "all")
@@ -96,7 +96,7 @@ class LeanCbE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, head):
         conv, bn = head.expand[0], head.expand[1]
-        group = bn.process_group if isinstance(bn, nn.SyncBatchNorm) and dist.is_initialized() else False
+        group = bn.process_group if isinstance(bn, nn.SyncBatchNorm) and distributed.active() else False
         ctx.conv = lambda xc, w: F.conv2d(xc, w, None, 1, conv.padding, 1, conv.groups)
         ctx.kind, ctx.group = head.kind, group
         device = x.device.type  # the backward recomputes the conv as the forward ran it, autocast or not
@@ -112,8 +112,8 @@ class LeanCbE(torch.autograd.Function):
             sums[1] += y.sum((0, 2, 3), dtype=torch.float64)
             sums[2] += y.square().sum((0, 2, 3), dtype=torch.float64)
         if group is not False:
-            dist.all_reduce(sums, group=group)
-        count, mean = sums[0, 0].item(), sums[1] / sums[0]
+            distributed.all_reduce(sums, group=group)
+        count, mean = sums[0], sums[1] / sums[0]  # the count stays on the device: reading it would wait for it
         var = sums[2] / sums[0] - mean ** 2
         bn.num_batches_tracked += 1
         m = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked.item()
@@ -127,7 +127,7 @@ class LeanCbE(torch.autograd.Function):
             out.append(pooled)
             s1.append(w.sum((2, 3)))
             s2.append((w * y_hat).sum((2, 3)))
-        ctx.count = count
+        ctx.count = count.to(gamma.dtype)
         ctx.save_for_backward(x, weight, gamma, beta, torch.cat(s1), torch.cat(s2))
         return torch.cat(out)
 
@@ -151,7 +151,7 @@ class LeanCbE(torch.autograd.Function):
         d = torch.stack([(g * s1).sum(0), (g * s2).sum(0)])  # d beta = sum dz, d gamma = sum dz * y_hat
         dbeta, dgamma = d.clone()
         if ctx.group is not False:
-            dist.all_reduce(d, group=ctx.group)
+            distributed.all_reduce(d, group=ctx.group)
         a, b = (d / ctx.count)[:, :, None, None]
         scale = (gamma * ctx.stats[1])[:, None, None]
         dx, dweight, n = torch.empty_like(x), torch.zeros_like(weight), math.ceil(len(x) / LeanCbE.CHUNKS)

@@ -3,12 +3,15 @@
 Run under torchrun, this file is also the worker of the distributed tests (see `dist_worker`).
 """
 import contextlib
+import dataclasses
 import copy
 import fnmatch
 import functools
+import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,12 +29,83 @@ import probe
 import recompute
 import train
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
-from data import apply_view, augment, balanced_subset, decode, draw_view, load_image, normalize, pack, to_tensor
+import augment as aug
+import bookkeeping
+import evaluation
+from augment import View, apply_pil, augment, decode, draw, normalize, pack, to_tensor
+from data import Seeded, balanced_subset, load_image, plain_transform, probe_transforms
+from data import dataset as load_dataset
 from train import LARS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(arch="resnet18", head_dim=128, projector_widths=(64, 64))
 BT4 = [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * 4  # the default loss of each of 4 blocks
+
+
+# ---------------- helpers: tiny real image folders, runs and their files
+
+def image_folder(root, per_class=8, classes=2, size=40, splits=("train", "val")):
+    """A tiny ImageNet-layout folder of real PNG files: class c has a bright channel c."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(per_class):
+                a = (rng.random((size, size, 3)) * 128).astype(np.uint8)
+                a[..., c % 3] += 127
+                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+SMALL = ["--arch", "resnet18", "--image-size", "32", "--projector", "64-64", "--head-dim", "128",
+         "--workers", "0", "--print-freq", "1", "--warmup-epochs", "0", "--lr", "0.05", "--no-compile",
+         "--device", "cpu"]
+
+
+def run_train(data, out, *extra):
+    args = train.get_args(["--data", data, "--out", str(out), *SMALL, *extra])
+    train.main(args)
+    return args
+
+
+def step_log(out, key="loss"):
+    """The entries of a run's log.jsonl that have `key`: "loss" for the training steps, "monitor" for the monitors."""
+    return [e for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if key in e]
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+
+
+def train_tiny(tmp_path):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "8")
+    return data, str(tmp_path / "run" / "checkpoint.pth")
+
+
+def torchrun(*args, nproc=2, timeout=600, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def expect_one_line_error(capsys, argv, fragment, entry=train):
+    with pytest.raises(SystemExit) as e:
+        entry.run(entry.main, entry.get_args(argv), "x") if isinstance(argv, list) else argv()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
+    return err
+
+
+def probe_argv(ckpt, data, *extra):
+    return [ckpt, "--data", data, "--image-size", "32", "--workers", "0", "--batch-size", "8", "--epochs", "2",
+            "--device", "cpu", *extra]
+
+
+def probe_args(ckpt, data, *extra):
+    return probe.get_args(probe_argv(ckpt, data, *extra))
+
+
+# ---------------- the model (blockwise.py)
 
 
 def small_model(**kw):
@@ -42,8 +116,6 @@ def small_model(**kw):
 def block_params(model, k):
     return {id(p) for m in model.block_modules(k) for p in m.parameters()}
 
-
-# ---------------------------------------------------------------- the model (blockwise.py)
 
 @pytest.mark.parametrize("blocks", ["1,2,3,4", "12,3,4", "1234"])
 def test_each_block_loss_reaches_only_its_block(blocks):
@@ -101,69 +173,6 @@ def test_cbe_kernel_and_groups():
     conv = head.expand[0]
     assert conv.kernel_size == (3, 3) and conv.groups == 4 and conv.padding == (1, 1) and conv.bias is None
     assert head(torch.randn(2, 64, 8, 8)).shape == (2, 128)
-
-
-def lean_copy(head):
-    """A copy of a CbE head that computes with LeanCbE (recompute.py) in training."""
-    lean = copy.deepcopy(head)
-    lean.forward = functools.partial(recompute.lean_cbe, lean)
-    return lean
-
-
-def run_head(head, x, g):
-    """Output, input gradient, parameter gradients and BN buffers of one training step of a head."""
-    x = x.clone().requires_grad_()
-    out = head(x)
-    (out * g).sum().backward()
-    return [out, x.grad, *(p.grad for p in head.parameters()), *head.buffers()]
-
-
-@pytest.mark.parametrize("kind,kernel_size,groups,momentum", [("cbe", 1, 1, 0.1), ("cbe-l2", 1, 1, 0.1),
-                         ("cbe-sqrt", 1, 1, 0.1), ("cbe", 3, 2, None)])
-def test_checkpointed_cbe_equals_the_stored_one(kind, kernel_size, groups, momentum):
-    """LeanCbE (nothing of the head's width stored, the batch done in slices) = Conv -> BN -> ReLU -> pool,
-    in float64: output, every gradient, BN running statistics, over two steps."""
-    torch.manual_seed(0)
-    head = Pool(8, kind, 16, kernel_size, groups).double().train()
-    head.expand[1].momentum = momentum
-    with torch.no_grad():
-        head.expand[1].weight.normal_()
-        head.expand[1].bias.normal_()
-    lean = lean_copy(head)
-    for _ in range(2):
-        x, g = torch.randn(11, 8, 5, 6, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
-        for a, b in zip(run_head(head, x, g), run_head(lean, x, g)):
-            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-    assert lean.expand[1].num_batches_tracked == 2
-    assert torch.allclose(lean.eval()(x), head.eval()(x), rtol=1e-9, atol=1e-12)
-
-
-def test_checkpointed_cbe_under_bf16_autocast():
-    torch.manual_seed(0)
-    head = Pool(8, "cbe", 16).train()
-    lean = lean_copy(head)
-    x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
-    with torch.autocast("cpu", torch.bfloat16):
-        ref, got = run_head(head, x, g), run_head(lean, x, g)
-    for a, b in zip(ref, got):
-        assert a.dtype == b.dtype or a.dtype == torch.bfloat16  # the lean head returns fp32 features
-        assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05 * a.float().abs().max().item())
-
-
-def test_recomputed_trunk_gives_the_same_step():
-    """recompute="all" (every residual unit and every CbE head recomputed in the backward): the same
-    losses, gradients and BN running statistics as storing everything, noise included, in float64."""
-    torch.manual_seed(0)
-    y1, y2 = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    results = []
-    for mode in ("none", "all"):
-        model = small_model(noise=0.25).double().train()
-        recompute.apply(model, mode)
-        torch.manual_seed(1)
-        loss = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
-        results.append([loss, *(p.grad for p in model.parameters()), *model.buffers()])
-    for a, b in zip(*results):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12 * a.double().abs().max().item())
 
 
 def test_lsp_is_the_average_of_each_spatial_bin():
@@ -243,50 +252,74 @@ def test_trunk_loads_strictly_into_torchvision():
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
-def readme_excerpt():
-    """The teaching excerpt of README.md, its sizes shrunk to a small network."""
-    text = open(os.path.join(HERE, "README.md")).read()
-    code = text.split("<!-- teaching excerpt: begin -->")[1].split("<!-- teaching excerpt: end -->")[0]
-    code = code.strip().removeprefix("```python").removesuffix("```")
-    line = 'arch, dim, width, sigma = "resnet50", 2048, 8192, 0.25'
-    assert line in code and len(code.strip().splitlines()) <= 45
-    return code.replace(line, 'arch, dim, width, sigma = "resnet18", 32, 16, 0.25')
+# ---------------- recomputation that changes no result (recompute.py)
 
 
-def test_readme_excerpt_is_the_method():
-    """The README's one-slide method gives, in float64, the losses and gradients of the full implementation."""
-    ns = {}
-    exec(compile(readme_excerpt(), "README.md", "exec"), ns)
-    model = BlockResNet("resnet18", head_dim=32, projector_widths=(16, 16, 16), noise=0.25).double().train()
-    with torch.no_grad():
-        for m in model.modules():  # zero_init_residual would leave the residual branches without gradients
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    twin = [*ns["blocks"], *ns["heads"], *ns["projectors"]]
-    for m in twin:
-        m.double().train()
-    ns["r"].load_state_dict(model.trunk_state_dict(), strict=False)
-    for k in range(4):
-        ns["heads"][k][0].load_state_dict(model.heads[k].expand[0].state_dict())
-        ns["heads"][k][1].load_state_dict(model.heads[k].expand[1].state_dict())
-        ns["projectors"][k].load_state_dict(model.projectors[k].state_dict())
+def lean_copy(head):
+    """A copy of a CbE head that computes with LeanCbE (recompute.py) in training."""
+    lean = copy.deepcopy(head)
+    lean.forward = functools.partial(recompute.lean_cbe, lean)
+    return lean
+
+
+def run_head(head, x, g):
+    """Output, input gradient, parameter gradients and BN buffers of one training step of a head."""
+    x = x.clone().requires_grad_()
+    out = head(x)
+    (out * g).sum().backward()
+    return [out, x.grad, *(p.grad for p in head.parameters()), *head.buffers()]
+
+
+@pytest.mark.parametrize("kind,kernel_size,groups,momentum", [("cbe", 1, 1, 0.1), ("cbe-l2", 1, 1, 0.1),
+                         ("cbe-sqrt", 1, 1, 0.1), ("cbe", 3, 2, None)])
+def test_checkpointed_cbe_equals_the_stored_one(kind, kernel_size, groups, momentum):
+    """LeanCbE (nothing of the head's width stored, the batch done in slices) = Conv -> BN -> ReLU -> pool,
+    in float64: output, every gradient, BN running statistics, over two steps."""
     torch.manual_seed(0)
-    x1, x2 = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randn(6, 3, 32, 32, dtype=torch.float64)
-    torch.manual_seed(1)
-    ref = train.train_step(model, x1, x2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
-    torch.manual_seed(1)
-    got = ns["train_step"](x1, x2)
-    assert np.allclose(got, ref.tolist(), rtol=1e-10)
-    mine = {id(p): p for m in twin for p in m.parameters()}
-    assert len(mine) == len(list(model.parameters()))
-    theirs = [*(p for n, p in ns["r"].named_parameters() if not n.startswith("fc.")),
-              *(p for m in [*ns["heads"], *ns["projectors"]] for p in m.parameters())]
-    for p, q in zip(model.parameters(), theirs):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12)
+    head = Pool(8, kind, 16, kernel_size, groups).double().train()
+    head.expand[1].momentum = momentum
+    with torch.no_grad():
+        head.expand[1].weight.normal_()
+        head.expand[1].bias.normal_()
+    lean = lean_copy(head)
+    for _ in range(2):
+        x, g = torch.randn(11, 8, 5, 6, dtype=torch.float64), torch.randn(11, 16, dtype=torch.float64)
+        for a, b in zip(run_head(head, x, g), run_head(lean, x, g)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert lean.expand[1].num_batches_tracked == 2
+    assert torch.allclose(lean.eval()(x), head.eval()(x), rtol=1e-9, atol=1e-12)
 
 
-# ---------------------------------------------------------------- the losses against naive float64 formulas
+def test_checkpointed_cbe_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = Pool(8, "cbe", 16).train()
+    lean = lean_copy(head)
+    x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, got = run_head(head, x, g), run_head(lean, x, g)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype or a.dtype == torch.bfloat16  # the lean head returns fp32 features
+        assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05 * a.float().abs().max().item())
+
+
+def test_recomputed_trunk_gives_the_same_step():
+    """recompute="all" (every residual unit and every CbE head recomputed in the backward): the same
+    losses, gradients and BN running statistics as storing everything, noise included, in float64."""
+    torch.manual_seed(0)
+    y1, y2 = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for mode in ("none", "all"):
+        model = small_model(noise=0.25).double().train()
+        recompute.apply(model, mode)
+        torch.manual_seed(1)
+        loss = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+        results.append([loss, *(p.grad for p in model.parameters()), *model.buffers()])
+    for a, b in zip(*results):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12 * a.double().abs().max().item())
+
+
+# ---------------- the losses against naive float64 formulas (losses.py)
+
 
 def naive_standardize(z):
     b, d = z.shape
@@ -369,80 +402,219 @@ def test_losses_are_fp32_under_autocast():
             assert fn(z1.bfloat16(), z2.bfloat16()).dtype == torch.float32
 
 
-# ---------------------------------------------------------------- exactness under torch.distributed (2 gloo processes)
-
-LOSS_FNS = {"barlowtwins": lambda z1, z2, y: losses.barlow_twins(z1, z2, 0.2, 1.0),
-            "vicreg": lambda z1, z2, y: losses.vicreg(z1, z2),
-            "simclr": lambda z1, z2, y: losses.simclr(z1, z2, 0.5),
-            "supervised": lambda z1, z2, y: losses.supervised(z1, y)}
+# ---------------- the two views (augment.py)
 
 
-def toy_problem():
-    g = torch.Generator().manual_seed(0)
-    x1, x2 = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
-    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    return x1, x2, w, torch.randint(0, 5, (8,), generator=g)
-
-
-def synced_cbe_problem():
+def test_view_choices_follow_the_table():
+    """Over 4000 draws with a fixed seed: each choice's frequency (binomial std <= 0.8 points, tested within
+    3 points) and each factor's range, for both views (view A always blurred, never solarized; view B 10% and
+    20%), as Barlow Twins and the README's table."""
     torch.manual_seed(0)
-    x, g = torch.randn(8, 6, 4, 5, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
-    return Pool(6, "cbe", 10).double().train(), x, g
+    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+        draws = [draw(View(blur=blur_p, solarize=solarize_p)) for _ in range(4000)]
+        rate = lambda f: np.mean([bool(f(d)) for d in draws])  # noqa: E731
+        for got, want in ((rate(lambda d: d["flip"]), 0.5), (rate(lambda d: d["jitter"]), 0.8),
+                          (rate(lambda d: d["gray"]), 0.2), (rate(lambda d: d["sigma"] is not None), blur_p),
+                          (rate(lambda d: d["solarize"]), solarize_p)):
+            assert abs(got - want) < 0.03, (got, want)
+        jit = np.array([d["jitter"][1:] for d in draws if d["jitter"]])
+        for k, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+            assert lo <= jit[:, k].min() < lo + 0.01 and hi - 0.01 < jit[:, k].max() <= hi
+        orders = {tuple(d["jitter"][0]) for d in draws if d["jitter"]}
+        assert len(orders) == 24  # every order of the four colour operations
+        sigmas = [d["sigma"] for d in draws if d["sigma"] is not None]
+        assert 0.1 <= min(sigmas) < 0.12 and 1.98 < max(sigmas) <= 2.0
 
 
-def dist_worker(out_dir):
-    """Each of N ranks holds 8/N samples of the toy problem; it records its loss and its gradient
-    after averaging over ranks, as DDP does."""
-    torch.distributed.init_process_group("gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    x1, x2, w0, y = toy_problem()
-    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    result = {}
-    for name, fn in LOSS_FNS.items():
-        w = w0.clone().requires_grad_()
-        loss = fn(x1[part] @ w, x2[part] @ w, y[part])
-        loss.backward()
-        torch.distributed.all_reduce(w.grad)
-        result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
-    head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced_cbe_problem()[0])  # CPU: only LeanCbE can run it
-    head.forward = functools.partial(recompute.lean_cbe, head)
-    x, g = synced_cbe_problem()[1:]
-    got = run_head(head, x[part], g[part])
-    for t in got[2:5]:  # parameter gradients summed over ranks: the gradient of the full batch's sum
-        torch.distributed.all_reduce(t)
-    result["lean_cbe"] = [t.flatten().tolist() for t in got]
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    torch.distributed.destroy_process_group()
+def test_the_table_is_barlow_twins_and_the_readme_shows_it():
+    """The two views as the code builds them (TwoViews' default), every entry of the table, and README.md's table
+    rendered from the same objects: changing one without the other fails here."""
+    a, b = aug.TwoViews().views
+    assert (a, b) == aug.BARLOW_TWINS
+    common = dict(crop=(0.08, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                  gray=0.2, sigma=(0.1, 2.0))
+    assert a == View(**common, blur=1.0, solarize=0.0) and b == View(**common, blur=0.1, solarize=0.2)
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert aug.table({"view A": (a,), "view B": (b,)}) in readme
 
 
-def torchrun(*args, nproc=2, timeout=600, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
+def test_adaptive_sets_follow_the_table_per_block():
+    """App. A's sets (colour jitter only; plus mild crops; the full set), drawn 4,000 times each: their frequencies
+    and ranges are the table's, and the crops of the first set leave the whole image."""
+    sets = aug.view_sets("adaptive", 4, crop_scale=0.3)
+    assert sets[2] == sets[3] == tuple(dataclasses.replace(v, crop=(0.3, 1.0)) for v in aug.BARLOW_TWINS)
+    torch.manual_seed(0)
+    for views in sets[:2]:
+        for view in views:
+            draws = [draw(view) for _ in range(4000)]
+            assert not any(d["flip"] or d["gray"] or d["sigma"] or d["solarize"] for d in draws)
+            assert abs(np.mean([d["jitter"] is not None for d in draws]) - 0.8) < 0.03
+    img = Image.fromarray(np.arange(48 * 48 * 3, dtype=np.uint8).reshape(48, 48, 3))
+    whole = aug.TwoViews(48, sets[0], on_device=True)(img)[0][0]
+    assert torch.equal(whole, to_tensor(img))  # no crop, no resize: the image itself
+    with pytest.raises(ValueError, match="--augmentations"):
+        aug.view_sets("jitter,full", 4)
 
 
-def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
-    r = torchrun("test_blockwise.py", "dist-worker", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
-    x1, x2, w0, y = toy_problem()
-    for rank in range(2):
-        got = json.load(open(tmp_path / f"rank{rank}.json"))
-        for name, fn in LOSS_FNS.items():
-            w = w0.clone().requires_grad_()
-            loss = fn(x1 @ w, x2 @ w, y)
-            loss.backward()
-            assert math.isclose(got[name]["loss"], loss.item(), rel_tol=1e-10), name
-            assert np.allclose(got[name]["grad"], w.grad.flatten().numpy(), rtol=1e-9, atol=1e-12), name
-        # LeanCbE under SyncBatchNorm on 2 x 4 images = the plain CbE head on 8 (rank's share of out / x.grad)
-        head, x, g = synced_cbe_problem()
-        ref = run_head(head, x, g)
-        part = slice(rank * 4, rank * 4 + 4)
-        ref[:2] = [t[part] for t in ref[:2]]
-        for a, b in zip(got["lean_cbe"], ref):
-            assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12)
+def test_view_operations_are_torchvisions():
+    """PIL's blur (as Barlow Twins), flip, grayscale and solarization in `apply_view` equal torchvision's (the blur
+    to within its kernel's truncation and rounding), so the faster pipeline draws from the same distributions."""
+    import torchvision.transforms.functional as TF
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).filter(ImageFilter.SMOOTH)
+    ours = apply_pil(img, dict(flip=True, jitter=None, gray=True, sigma=1.5, solarize=True)).float()
+    ref = TF.solarize(TF.gaussian_blur(TF.rgb_to_grayscale(TF.hflip(img), 3), 23, 1.5), 128)
+    assert (ours - TF.pil_to_tensor(ref).float()).abs().mean() < 2.0  # of 255
 
 
-# ---------------------------------------------------------------- LARS against a hand computation
+def test_training_normalisation_is_torchvisions():
+    """The training path's uint8 -> float normalisation on the device is torchvision's ToTensor + Normalize, which
+    the probe path uses, on the same image."""
+    import torchvision.transforms as T
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    ref = T.Compose([T.ToTensor(), T.Normalize(aug.IMAGENET_MEAN, aug.IMAGENET_STD)])(img)
+    assert torch.allclose(normalize(to_tensor(img)[None])[0], ref, atol=1e-5)
+    assert torch.allclose(normalize(to_tensor(img)[None].float())[0], ref, atol=1e-5)  # augment's float output
+
+
+def test_device_augmentation_is_the_pil_path_batched_per_image():
+    """--gpu-aug's `augment` gives each image of a batch its own choices, and what the PIL path gives from the
+    same choices to within that path's uint8 rounding (mean < 2 of 255; two jitter orders differ by ~10):
+    each operation alone at the ends of its range, two orders of the jitter, and everything at once."""
+    rng = np.random.default_rng(0)
+    jitter = lambda order, *f: dict(jitter=(order, *f))  # noqa: E731
+    cases = [dict(flip=True), dict(gray=True), dict(sigma=0.1), dict(sigma=2.0), dict(solarize=True),
+             *(jitter([0, 1, 2, 3], *f) for f in ((1.4, 1, 1, 0), (0.6, 1, 1, 0), (1, 0.6, 1, 0), (1, 1.4, 1, 0),
+                                                (1, 1, 0.8, 0), (1, 1, 1.2, 0), (1, 1, 1, -0.1), (1, 1, 1, 0.1))),
+             jitter([0, 1, 2, 3], 1.4, 0.6, 1.2, 0.1), jitter([3, 2, 1, 0], 1.4, 0.6, 1.2, 0.1),
+             dict(flip=True, gray=True, sigma=1.0, solarize=True, jitter=([2, 0, 3, 1], 0.7, 1.3, 0.9, -0.05))]
+    choices = [dict(dict(flip=False, jitter=None, gray=False, sigma=None, solarize=False), **c) for c in cases]
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).resize((64, 64), Image.BICUBIC)
+              for _ in choices]  # smooth, and each its own
+    got = augment(torch.stack([to_tensor(i) for i in images]), torch.utils.data.default_collate([pack(c) for c in choices]))
+    for img, c, g in zip(images, choices, got):
+        assert (g - apply_pil(img, c).float()).abs().mean() < 2.0, c
+
+
+def test_device_augmentation_draws_the_cpu_paths_views(tmp_path):
+    """TwoViews(on_device=True) makes the same crops and draws the same choices as the PIL path, so both
+    pipelines sample one distribution (README's table) and a --gpu-aug run's data is seeded like any other.
+    On these noise images the two paths' rounding differs by up to ~4 of 255; another crop or flip gives ~25+."""
+    ds = load_dataset("folder", image_folder(tmp_path, per_class=6, splits=("train",)))
+    cpu, gpu = (Seeded(ds, aug.TwoViews(32, on_device=d), seed=0) for d in (False, True))
+    for i in range(len(ds)):
+        for want, (crop, p) in zip(cpu[i][0], gpu[i][0]):
+            assert crop.dtype == torch.uint8 and (augment(crop[None], {k: v[None] for k, v in p.items()})[0] - want).abs().mean() < 5.0
+
+
+def test_two_views_decode_a_jpeg_once_at_the_scale_its_crops_allow(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    torch.manual_seed(0)
+    boxes = [(0, 0, 200, 200), (100, 100, 150, 150)]
+    img, scaled = decode(load_image(tmp_path / "a.jpg"), boxes, 32)
+    assert img.size == (125, 94)  # 1/4 (JPEG draft): the smaller crop keeps 37 px a side, 1/8 would leave 18
+    assert scaled[1] == (25.0, 25.0, 62.5, 62.5)
+    views = aug.TwoViews(32)(load_image(tmp_path / "a.jpg"))
+    assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2
+
+
+# ---------------- the datasets (data.py), on real image files
+
+
+def test_augmentations_depend_on_seed_epoch_and_index_only():
+    ds = [(Image.fromarray(np.full((40, 40, 3), 100, np.uint8)), 0)] * 2
+    seeded = Seeded(ds, aug.TwoViews(32), seed=0)
+    a = seeded[0][0][0]
+    assert torch.equal(a, seeded[0][0][0])  # drawn again: the same (resume, any number of workers)
+    assert not torch.equal(a, seeded[1][0][0])  # another image index
+    seeded.epoch = 1
+    assert not torch.equal(a, seeded[0][0][0])  # another epoch
+    assert not torch.equal(a, Seeded(ds, aug.TwoViews(32), seed=1)[0][0][0])  # another seed
+
+
+def test_limit_keeps_every_class_balanced_and_seeded():
+    targets = [0] * 50 + [1] * 30 + [2] * 5 + [3] * 40
+    sub = balanced_subset(targets, 40, seed=0)
+    counts = np.bincount([targets[i] for i in sub])
+    assert len(sub) == len(set(sub)) == 40 and sorted(sub) == sub
+    assert counts.tolist() == [12, 12, 5, 11]  # round robin over the classes; class 2 has only 5
+    assert sub == balanced_subset(targets, 40, seed=0) != balanced_subset(targets, 40, seed=1)
+
+
+def test_limit_on_an_image_folder_takes_every_class(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=6, classes=4)
+    ds = load_dataset("folder", data, limit=8, seed=3)
+    assert np.bincount([ds.dataset.targets[i] for i in ds.indices]).tolist() == [2, 2, 2, 2]
+
+
+def test_hidden_folders_and_files_are_not_data(tmp_path):
+    """A notebook's .ipynb_checkpoints/ in train/ is no class (it would shift every label by one), and macOS's
+    ._x.png files are not images (they would stop the run)."""
+    data = image_folder(tmp_path / "data", per_class=3)
+    image_folder(tmp_path / "data" / "train" / ".ipynb_checkpoints", per_class=2, classes=1, splits=(".",))
+    (tmp_path / "data" / "train" / "class0" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = load_dataset("folder", data)
+    assert ds.classes == ["class0", "class1"] and len(ds) == 6
+    assert load_dataset("folder", data, train=False).classes == ["class0", "class1"]
+
+
+def test_val_is_labelled_with_train_classes_by_name(tmp_path, capsys):
+    """val/ without class1: its class2 keeps train/'s label 2, and the missing class is said; a val/ class that
+    train/ lacks is refused in one line."""
+    data = image_folder(tmp_path / "data", per_class=2, classes=3, splits=("train",))
+    image_folder(tmp_path / "v", per_class=2, classes=3, splits=("val",))
+    shutil.rmtree(tmp_path / "v" / "val" / "class1")
+    shutil.move(str(tmp_path / "v" / "val"), os.path.join(data, "val"))
+    val = load_dataset("folder", data, train=False)
+    assert sorted(set(val.targets)) == [0, 2] and val.classes == ["class0", "class1", "class2"]
+    assert "val/ lacks 1 of train/'s 3 classes (class1)" in capsys.readouterr().out
+    os.makedirs(os.path.join(data, "val", "class1b"))
+    Image.new("RGB", (8, 8)).save(os.path.join(data, "val", "class1b", "x.png"))
+    with pytest.raises(ValueError, match="class1b is not a class of train/"):
+        load_dataset("folder", data, train=False)
+
+
+def test_images_that_would_be_read_wrongly_are_scaled_or_refused(tmp_path):
+    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 16-bit, up to 63000
+    Image.fromarray(grey16).save(tmp_path / "a.png")
+    got = np.asarray(load_image(tmp_path / "a.png").convert("L"))
+    assert got.max() == 63000 >> 8 and got[0, 1] == 1000 >> 8  # scaled, not saturated to white
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "b.tiff")
+    with pytest.raises(ValueError, match="floating-point"):
+        load_image(tmp_path / "b.tiff")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "bomb.png")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1000  # 90,000 pixels is a bomb to this limit
+    try:
+        with pytest.raises(ValueError, match="bomb.png"):
+            load_image(tmp_path / "bomb.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_a_symlink_loop_counts_each_image_once(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=3)
+    os.symlink(os.path.join(data, "train", "class0"), os.path.join(data, "train", "class0", "loop"))
+    assert len(load_dataset("folder", data)) == 6
+
+
+def write_cifar10(root, n=20):
+    """Files in CIFAR-10's python format, written here (no internet): 5 training batches, a test batch, the meta."""
+    import pickle
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": [int(v) for v in rng.integers(0, 10, n)]}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return str(root)
+
+
+# ---------------- training (train.py)
+
 
 def test_lars_by_hand():
     torch.manual_seed(0)
@@ -474,108 +646,6 @@ def test_learning_rate_schedule():
     assert math.isclose(train.learning_rate(100, 100, 10, 0.4), 0.4 * 0.001)
 
 
-# ---------------------------------------------------------------- data (data.py) and defaults
-
-def test_view_choices_follow_the_table():
-    """Over 4000 draws with a fixed seed: each choice's frequency (binomial std <= 0.8 points, tested within
-    3 points) and each factor's range, for both views (view A always blurred, never solarized; view B 10% and
-    20%), as Barlow Twins and the README's table."""
-    torch.manual_seed(0)
-    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
-        draws = [draw_view(blur_p, solarize_p) for _ in range(4000)]
-        rate = lambda f: np.mean([bool(f(d)) for d in draws])  # noqa: E731
-        for got, want in ((rate(lambda d: d["flip"]), 0.5), (rate(lambda d: d["jitter"]), 0.8),
-                          (rate(lambda d: d["gray"]), 0.2), (rate(lambda d: d["sigma"] is not None), blur_p),
-                          (rate(lambda d: d["solarize"]), solarize_p)):
-            assert abs(got - want) < 0.03, (got, want)
-        jit = np.array([d["jitter"][1:] for d in draws if d["jitter"]])
-        for k, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
-            assert lo <= jit[:, k].min() < lo + 0.01 and hi - 0.01 < jit[:, k].max() <= hi
-        orders = {tuple(d["jitter"][0]) for d in draws if d["jitter"]}
-        assert len(orders) == 24  # every order of the four colour operations
-        sigmas = [d["sigma"] for d in draws if d["sigma"] is not None]
-        assert 0.1 <= min(sigmas) < 0.12 and 1.98 < max(sigmas) <= 2.0
-
-
-def test_view_operations_are_torchvisions():
-    """PIL's blur (as Barlow Twins), flip, grayscale and solarization in `apply_view` equal torchvision's (the blur
-    to within its kernel's truncation and rounding), so the faster pipeline draws from the same distributions."""
-    import torchvision.transforms.functional as TF
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).filter(ImageFilter.SMOOTH)
-    ours = apply_view(img, dict(flip=True, jitter=None, gray=True, sigma=1.5, solarize=True)).float()
-    ref = TF.solarize(TF.gaussian_blur(TF.rgb_to_grayscale(TF.hflip(img), 3), 23, 1.5), 128)
-    assert (ours - TF.pil_to_tensor(ref).float()).abs().mean() < 2.0  # of 255
-
-
-def test_device_augmentation_is_the_pil_path_batched_per_image():
-    """--gpu-aug's `augment` gives each image of a batch its own choices, and what the PIL path gives from the
-    same choices to within that path's uint8 rounding (mean < 2 of 255; two jitter orders differ by ~10):
-    each operation alone at the ends of its range, two orders of the jitter, and everything at once."""
-    rng = np.random.default_rng(0)
-    jitter = lambda order, *f: dict(jitter=(order, *f))  # noqa: E731
-    cases = [dict(flip=True), dict(gray=True), dict(sigma=0.1), dict(sigma=2.0), dict(solarize=True),
-             *(jitter([0, 1, 2, 3], *f) for f in ((1.4, 1, 1, 0), (0.6, 1, 1, 0), (1, 0.6, 1, 0), (1, 1.4, 1, 0),
-                                                (1, 1, 0.8, 0), (1, 1, 1.2, 0), (1, 1, 1, -0.1), (1, 1, 1, 0.1))),
-             jitter([0, 1, 2, 3], 1.4, 0.6, 1.2, 0.1), jitter([3, 2, 1, 0], 1.4, 0.6, 1.2, 0.1),
-             dict(flip=True, gray=True, sigma=1.0, solarize=True, jitter=([2, 0, 3, 1], 0.7, 1.3, 0.9, -0.05))]
-    choices = [dict(dict(flip=False, jitter=None, gray=False, sigma=None, solarize=False), **c) for c in cases]
-    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).resize((64, 64), Image.BICUBIC)
-              for _ in choices]  # smooth, and each its own
-    got = augment(torch.stack([to_tensor(i) for i in images]), torch.stack([pack(c) for c in choices]))
-    for img, c, g in zip(images, choices, got):
-        assert (g - apply_view(img, c).float()).abs().mean() < 2.0, c
-
-
-def test_device_augmentation_draws_the_cpu_paths_views(tmp_path):
-    """TwoViews(on_device=True) makes the same crops and draws the same choices as the PIL path, so both
-    pipelines sample one distribution (README's table) and a --gpu-aug run's data is seeded like any other.
-    On these noise images the two paths' rounding differs by up to ~4 of 255; another crop or flip gives ~25+."""
-    ds = train.dataset("folder", image_folder(tmp_path, per_class=6, splits=("train",)))
-    cpu, gpu = (train.Seeded(ds, train.TwoViews(32, on_device=d), seed=0) for d in (False, True))
-    for i in range(len(ds)):
-        for want, (crop, p) in zip(cpu[i][0], gpu[i][0]):
-            assert crop.dtype == torch.uint8 and (augment(crop[None], p[None])[0] - want).abs().mean() < 5.0
-
-
-def test_two_views_decode_a_jpeg_once_at_the_scale_its_crops_allow(tmp_path):
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
-    torch.manual_seed(0)
-    boxes = [(0, 0, 200, 200), (100, 100, 150, 150)]
-    img, scaled = decode(load_image(tmp_path / "a.jpg"), boxes, 32)
-    assert img.size == (125, 94)  # 1/4 (JPEG draft): the smaller crop keeps 37 px a side, 1/8 would leave 18
-    assert scaled[1] == (25.0, 25.0, 62.5, 62.5)
-    views = train.TwoViews(32)(load_image(tmp_path / "a.jpg"))
-    assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.uint8, (3, 32, 32))] * 2
-
-
-def test_augmentations_depend_on_seed_epoch_and_index_only():
-    ds = [(Image.fromarray(np.full((40, 40, 3), 100, np.uint8)), 0)] * 2
-    seeded = train.Seeded(ds, train.TwoViews(32), seed=0)
-    a = seeded[0][0][0]
-    assert torch.equal(a, seeded[0][0][0])  # drawn again: the same (resume, any number of workers)
-    assert not torch.equal(a, seeded[1][0][0])  # another image index
-    seeded.epoch = 1
-    assert not torch.equal(a, seeded[0][0][0])  # another epoch
-    assert not torch.equal(a, train.Seeded(ds, train.TwoViews(32), seed=1)[0][0][0])  # another seed
-
-
-def test_limit_keeps_every_class_balanced_and_seeded():
-    targets = [0] * 50 + [1] * 30 + [2] * 5 + [3] * 40
-    sub = balanced_subset(targets, 40, seed=0)
-    counts = np.bincount([targets[i] for i in sub])
-    assert len(sub) == len(set(sub)) == 40 and sorted(sub) == sub
-    assert counts.tolist() == [12, 12, 5, 11]  # round robin over the classes; class 2 has only 5
-    assert sub == balanced_subset(targets, 40, seed=0) != balanced_subset(targets, 40, seed=1)
-
-
-def test_limit_on_an_image_folder_takes_every_class(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=6, classes=4)
-    ds = train.dataset("folder", data, limit=8, seed=3)
-    assert np.bincount([ds.dataset.targets[i] for i in ds.indices]).tolist() == [2, 2, 2, 2]
-
-
 def test_defaults_are_the_papers_imagenet_run():
     a = vars(train.get_args([]))
     paper = dict(dataset="folder", limit=0, image_size=224, arch="resnet50", blocks="1,2,3,4", mode="simultaneous",
@@ -590,40 +660,6 @@ def test_defaults_are_the_papers_imagenet_run():
     probe_defaults = vars(probe.get_args(["x"]))
     assert {k: probe_defaults[k] for k in ("epochs", "batch_size", "lr", "weight_decay")} == \
         dict(epochs=100, batch_size=256, lr=0.1, weight_decay=1e-6)
-
-
-# ---------------------------------------------------------------- training (train.py) on real image files
-
-def image_folder(root, per_class=8, classes=2, size=40, splits=("train", "val")):
-    """A tiny ImageNet-layout folder of real PNG files: class c has a bright channel c."""
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
-            for i in range(per_class):
-                a = (rng.random((size, size, 3)) * 128).astype(np.uint8)
-                a[..., c % 3] += 127
-                Image.fromarray(a).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
-    return str(root)
-
-
-SMALL = ["--arch", "resnet18", "--image-size", "32", "--projector", "64-64", "--head-dim", "128",
-         "--workers", "0", "--print-freq", "1", "--warmup-epochs", "0", "--lr", "0.05", "--no-compile"]
-
-
-def run_train(data, out, *extra):
-    args = train.get_args(["--data", data, "--out", str(out), *SMALL, *extra])
-    train.main(args)
-    return args
-
-
-def step_log(out, key="loss"):
-    """The entries of a run's log.jsonl that have `key`: "loss" for the training steps, "monitor" for the monitors."""
-    return [e for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if key in e]
-
-
-def weights(out):
-    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
 
 
 def test_lean_step_gives_the_gradients_of_the_summed_losses():
@@ -660,7 +696,7 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
                                    ["--loss", "supervised", "--blocks", "loco"],
                                    ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
                                    ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2",
-                                    "--pooling", "cbe-l2", "--checkpoint", "heads"]])
+                                    "--pooling", "cbe-l2", "--recompute", "heads"]])
 def test_every_variant_trains(tmp_path, extra):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
@@ -681,7 +717,7 @@ def test_second_epoch_draws_new_views_and_noise(tmp_path):
     train.main(train.get_args([*argv, "--out", str(tmp_path / "out")]))
     logged = [e["loss"] for e in step_log(tmp_path / "out")]
     args = train.get_args(argv)
-    ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
+    ds = Seeded(load_dataset("folder", data), aug.TwoViews(32), seed=0)
     ds.epoch = 1
     sampler = torch.utils.data.DistributedSampler(ds, 1, 0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(1)
@@ -731,23 +767,150 @@ def test_frozen_first_block_from_another_run(tmp_path):
     assert not torch.equal(a["layer2.0.conv1.weight"], b["layer2.0.conv1.weight"])
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path):
-    """2 gloo ranks x 4 images against one process holding the 8. On CPU each rank's BatchNorm normalises
-    with its own 4 images (SyncBatchNorm is GPU-only), so the one-process reference runs each rank's half
-    through the network separately, each with the noise that rank draws (§5), then takes the loss and the
-    LARS step over the whole batch: exactly what the two ranks compute together. Compared: the first step's
-    loss of every block, the weights after it, and that both ranks end with identical weights."""
+def test_cifar10_runs_from_a_local_copy_with_the_app_d_recipe(tmp_path, capsys):
+    """App. D: --dataset cifar10 from a local copy in its python format (checksums of one's own export differ from
+    the published archive's: used, and said), with the App. D recipe's flags, for a few steps."""
+    root = write_cifar10(tmp_path / "cifar")
+    assert len(load_dataset("cifar10", root)) == 100 and len(load_dataset("cifar10", root, train=False)) == 20
+    assert "checksums differ" in capsys.readouterr().out
+    run_train(root, tmp_path / "out", "--dataset", "cifar10", "--batch-size", "16", "--lr", "0.01", "--epochs", "1",
+              "--mode", "sequential", "--noise", "0", "--limit", "32", "--monitor-images", "20")
+    assert [e["blocks"] for e in step_log(tmp_path / "out")] == [[1], [1], [2], [2], [3], [3], [4], [4]]
+    assert len(step_log(tmp_path / "out", "monitor")) == 4
+
+
+def readme_excerpt():
+    """The teaching excerpt of README.md, its sizes shrunk to a small network."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    code = text.split("<!-- teaching excerpt: begin -->")[1].split("<!-- teaching excerpt: end -->")[0]
+    code = code.strip().removeprefix("```python").removesuffix("```")
+    line = 'arch, dim, width, sigma = "resnet50", 2048, 8192, 0.25'
+    assert line in code and len(code.strip().splitlines()) <= 45
+    return code.replace(line, 'arch, dim, width, sigma = "resnet18", 32, 16, 0.25')
+
+
+def test_readme_excerpt_is_the_method():
+    """The README's one-slide method gives, in float64, the losses and gradients of the full implementation."""
+    ns = {}
+    exec(compile(readme_excerpt(), "README.md", "exec"), ns)
+    model = BlockResNet("resnet18", head_dim=32, projector_widths=(16, 16, 16), noise=0.25).double().train()
+    with torch.no_grad():
+        for m in model.modules():  # zero_init_residual would leave the residual branches without gradients
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    twin = [*ns["blocks"], *ns["heads"], *ns["projectors"]]
+    for m in twin:
+        m.double().train()
+    ns["r"].load_state_dict(model.trunk_state_dict(), strict=False)
+    for k in range(4):
+        ns["heads"][k][0].load_state_dict(model.heads[k].expand[0].state_dict())
+        ns["heads"][k][1].load_state_dict(model.heads[k].expand[1].state_dict())
+        ns["projectors"][k].load_state_dict(model.projectors[k].state_dict())
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    ref = train.train_step(model, x1, x2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+    torch.manual_seed(1)
+    got = ns["train_step"](x1, x2)
+    assert np.allclose(got, ref.tolist(), rtol=1e-10)
+    mine = {id(p): p for m in twin for p in m.parameters()}
+    assert len(mine) == len(list(model.parameters()))
+    theirs = [*(p for n, p in ns["r"].named_parameters() if not n.startswith("fc.")),
+              *(p for m in [*ns["heads"], *ns["projectors"]] for p in m.parameters())]
+    for p, q in zip(model.parameters(), theirs):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12)
+
+
+# ---------------- exactness under torch.distributed (distributed.py), in real gloo processes
+
+
+LOSS_FNS = {"barlowtwins": lambda z1, z2, y: losses.barlow_twins(z1, z2, 0.2, 1.0),
+            "vicreg": lambda z1, z2, y: losses.vicreg(z1, z2),
+            "simclr": lambda z1, z2, y: losses.simclr(z1, z2, 0.5),
+            "supervised": lambda z1, z2, y: losses.supervised(z1, y)}
+
+
+def toy_problem():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return x1, x2, w, torch.randint(0, 5, (8,), generator=g)
+
+
+def synced_cbe_problem():
+    torch.manual_seed(0)
+    x, g = torch.randn(8, 6, 4, 5, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64)
+    return Pool(6, "cbe", 10).double().train(), x, g
+
+
+def dist_worker(out_dir):
+    """Each of N ranks holds 8/N samples of the toy problem; it records its loss and its gradient
+    after averaging over ranks, as DDP does."""
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    x1, x2, w0, y = toy_problem()
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    result = {}
+    for name, fn in LOSS_FNS.items():
+        w = w0.clone().requires_grad_()
+        loss = fn(x1[part] @ w, x2[part] @ w, y[part])
+        loss.backward()
+        torch.distributed.all_reduce(w.grad)
+        result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
+    head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced_cbe_problem()[0])  # CPU: only LeanCbE can run it
+    head.forward = functools.partial(recompute.lean_cbe, head)
+    x, g = synced_cbe_problem()[1:]
+    got = run_head(head, x[part], g[part])
+    for t in got[2:5]:  # parameter gradients summed over ranks: the gradient of the full batch's sum
+        torch.distributed.all_reduce(t)
+    result["lean_cbe"] = [t.flatten().tolist() for t in got]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
+    r = torchrun("test_blockwise.py", "dist-worker", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    x1, x2, w0, y = toy_problem()
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        for name, fn in LOSS_FNS.items():
+            w = w0.clone().requires_grad_()
+            loss = fn(x1 @ w, x2 @ w, y)
+            loss.backward()
+            assert math.isclose(got[name]["loss"], loss.item(), rel_tol=1e-10), name
+            assert np.allclose(got[name]["grad"], w.grad.flatten().numpy(), rtol=1e-9, atol=1e-12), name
+        # LeanCbE under SyncBatchNorm on 2 x 4 images = the plain CbE head on 8 (rank's share of out / x.grad)
+        head, x, g = synced_cbe_problem()
+        ref = run_head(head, x, g)
+        part = slice(rank * 4, rank * 4 + 4)
+        ref[:2] = [t[part] for t in ref[:2]]
+        for a, b in zip(got["lean_cbe"], ref):
+            assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4"], ["--frozen", "1"]])
+def test_torchrun_two_processes_match_one_process(tmp_path, split):
+    """2 gloo ranks x 4 images against one process holding the 8, for the paper's split, LoCo's overlapping units,
+    merged blocks and a frozen first block. On CPU each rank's BatchNorm normalises with its own 4 images
+    (SyncBatchNorm is GPU-only), so the one-process reference runs each rank's half through the network
+    separately, each with the noise that rank draws (§5), then takes the loss and the LARS step over the whole
+    batch: exactly what the two ranks compute together. Compared: the first step's loss of every trained block,
+    the weights after it, and that both ranks end with identical weights."""
     data = image_folder(tmp_path / "data", per_class=4)
     out = tmp_path / "out"
-    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8")
+    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8", *split)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "all 2 ranks hold identical weights" in r.stdout
     logged = step_log(out)[0]["loss"]
 
-    args = train.get_args(["--data", data, *SMALL, "--batch-size", "8"])
-    ds = train.Seeded(train.dataset("folder", data), train.TwoViews(32), seed=0)
-    torch.manual_seed(0)
-    model = BlockResNet(**train.model_config(args, 2)).train()
+    args = train.get_args(["--data", data, *SMALL, "--batch-size", "8", *split])
+    ds = Seeded(load_dataset("folder", data), aug.TwoViews(32), seed=0)
+    model = bookkeeping.network(train.model_config(args, 2), 0)
+    n, trained = len(model.blocks), train.training_phases(args, len(model.blocks))[0]
+    train.set_trainable(model, trained)
     halves = []
     for rank in range(2):
         sampler = torch.utils.data.DistributedSampler(ds, 2, rank, shuffle=True, seed=0, drop_last=True)
@@ -755,24 +918,58 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
         torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
         views = [model.blockwise(normalize(v)) for v in batch[0]]
-        feats = [[model.heads[k](next(v)) for v in views] for k in range(4)]  # per-rank BatchNorm statistics
+        feats = [[model.heads[k](next(v)) for v in views] for k in range(n)]  # per-rank BatchNorm statistics
         halves.append(list(zip(*feats)))
     total = 0
-    for k in range(4):
+    for j, k in enumerate(trained):
         z1, z2 = (torch.cat([model.projectors[k](h[v][k]) for h in halves]) for v in (0, 1))
         loss = losses.barlow_twins(z1, z2)
-        assert math.isclose(loss.item(), logged[k], rel_tol=1e-4), (k, loss.item(), logged[k])
+        assert math.isclose(loss.item(), logged[j], rel_tol=1e-4), (k, loss.item(), logged[j])
         total = total + loss
     total.backward()
     LARS(model.parameters(), lr=0.05 * 8 / 256).step()
     got = weights(out)["model"]
     for name, p in model.named_parameters():
         assert torch.allclose(p, got[name], rtol=1e-4, atol=1e-6), name
+    if split:
+        return
     # The monitors after the epoch, from features gathered over both ranks = one process on the final weights
     logged = step_log(out, "monitor")[0]["monitor"]
-    final = probe.load_frozen(str(out / "checkpoint.pth"), probe.get_args(["x"]), torch.device("cpu"))
-    found = train.monitors(final, train.monitor_sets(args), 2, args)
+    final = probe.load_frozen(str(out / "checkpoint.pth"), probe.get_args(["x"]), torch.device("cpu"))[0]
+    found = evaluation.monitors(final, evaluation.monitor_sets(data, "folder", args.monitor_images, 32, 0), 2, 8, 0)
     assert np.allclose(found["knn"], logged["knn"]) and np.allclose(found["rankme"], logged["rankme"], rtol=1e-4)
+
+
+def test_one_process_under_torchrun_takes_the_distributed_path(tmp_path):
+    """BLOCKWISE_DISTRIBUTED=1: one process joins a process group and runs every collective 8 ranks would run
+    (.ci/gpu does this with NCCL on one GPU); the run is the one-process run exactly."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    argv = ["--data", data, *SMALL, "--epochs", "1", "--batch-size", "8"]
+    r = torchrun("train.py", *argv, "--out", str(tmp_path / "forced"), nproc=1,
+                 env={**os.environ, "BLOCKWISE_DISTRIBUTED": "1"})
+    assert r.returncode == 0 and "all 1 ranks hold identical weights" in r.stdout, r.stderr[-3000:]
+    run_train(data, tmp_path / "plain", "--epochs", "1", "--batch-size", "8")
+    a, b = weights(tmp_path / "forced"), weights(tmp_path / "plain")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["env"]["processes"] == 1 and b["world"] == 1
+
+
+def test_collectives_are_issued_in_one_place():
+    """NCCL takes CUDA tensors only: every collective outside the losses' autograd-aware ones goes through
+    distributed.py, which puts its tensor on the group's device (the review found three CPU tensors all-reduced
+    on the NCCL group: the stop flag, the replica check, the probe's counts)."""
+    import ast
+    names = {"all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all", "barrier", "reduce", "gather",
+             "scatter", "all_gather_into_tensor", "broadcast_object_list", "all_gather_object"}
+    for path in sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f not in ("distributed.py", "losses.py",
+                                                                                     "test_blockwise.py")):
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, path)).read())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names:
+                assert not (isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"), \
+                    f"{path}:{node.lineno}: dist.{node.func.attr} outside distributed.py"
+
+
+# ---------------- resume and the run's files (bookkeeping.py)
 
 
 @pytest.fixture(scope="module")
@@ -785,6 +982,12 @@ def reference(tmp_path_factory):
     return cmd, weights(root / "ref")
 
 
+def wait_for_step(p, out):
+    """Until the run `p` has logged its first training step (or ended)."""
+    while p.poll() is None and not (os.path.exists(os.path.join(out, "log.jsonl")) and step_log(out)):
+        time.sleep(0.01)
+
+
 def assert_same_run(a, b):
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     momenta = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -795,10 +998,11 @@ def assert_same_run(a, b):
 def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     cmd, ref = reference
     out = tmp_path / "out"
-    files = {"mid-epoch": "log.jsonl", "during-checkpoint-write": "checkpoint.pth.*.tmp",  # the writer's own tmp
-             "after-first-epoch": "checkpoint.pth"}
+    files = {"during-checkpoint-write": "checkpoint.pth.*.tmp", "after-first-epoch": "checkpoint.pth"}
     p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
-    while p.poll() is None and not (out.exists() and fnmatch.filter(os.listdir(out), files[moment])):
+    if moment == "mid-epoch":
+        wait_for_step(p, out)
+    while p.poll() is None and moment in files and not (out.exists() and fnmatch.filter(os.listdir(out), files[moment])):
         pass  # busy-wait: a checkpoint write lasts only milliseconds
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
@@ -821,12 +1025,25 @@ def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(referen
     out = tmp_path / "out"
     p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
-    while not (out / "log.jsonl").exists() and p.poll() is None:
-        time.sleep(0.01)
+    wait_for_step(p, out)
     os.killpg(p.pid, sig)
     stdout, stderr = p.communicate()
     assert p.returncode == 0 and f"{sig.name}: saved" in stdout, stderr[-2000:]
     assert weights(out)["step"] > 0  # saved in the middle of an epoch
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert_same_run(ref, weights(out))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP])
+def test_slurm_warning_and_hangup_save_like_sigterm(reference, tmp_path, sig):
+    cmd, ref = reference
+    out = tmp_path / "out"
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_for_step(p, out)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate()
+    assert p.returncode == 0 and f"{sig.name}: saved" in stdout, stderr[-2000:]
     subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
     assert_same_run(ref, weights(out))
 
@@ -846,12 +1063,244 @@ def test_gpu_aug_run_resumes_exactly(reference, tmp_path):
     assert_same_run(weights(tmp_path / "full"), weights(out))
 
 
-def expect_one_line_error(capsys, argv, fragment, entry=train):
-    with pytest.raises(SystemExit) as e:
-        entry.run(entry.main, entry.get_args(argv), "x") if isinstance(argv, list) else argv()
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
-    return err
+def test_a_rerun_may_extend_but_not_change_the_run(tmp_path, capsys):
+    data, _ = train_tiny(tmp_path)
+    base = [*SMALL, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "8"]
+    for extra, says in ((["--epochs", "2", "--lr", "0.1"], "was run with --lr 0.05, not 0.1"),
+                        (["--epochs", "2", "--seed", "1"], "--seed 0, not 1"),
+                        (["--epochs", "2", "--loss", "vicreg"], "--loss barlowtwins, not vicreg"),
+                        (["--epochs", "2", "--batch-size", "4"], "--batch-size 8, not 4"),
+                        (["--epochs", "2", "--limit", "8"], "--limit 0, not 8")):
+        expect_one_line_error(capsys, base + extra, says)
+    assert weights(tmp_path / "run")["epoch"] == 1
+    train.main(train.get_args(base + ["--epochs", "2", "--workers", "1", "--print-freq", "3"]))  # extend: allowed
+    assert weights(tmp_path / "run")["epoch"] == 2
+    assert [e for e in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "resume" in e] == \
+        [dict(resume=dict(epoch=1, step=0))]
+
+
+def test_every_flag_that_changes_the_run_is_refused_on_resume(tmp_path):
+    """Each flag outside the resumable list, changed on a rerun, is refused naming it (a loop over all of them)."""
+    _, ckpt = train_tiny(tmp_path)
+    ckpt = torch.load(ckpt, weights_only=True)
+    other = dict(arch="resnet34", blocks="12,3,4", pooling="gsp", head_dim="64", kernel_size="3", groups="2",
+                 projector="32-32", loss="vicreg", lambd="0.1", target="0.9", scale_loss="0.5", temperature="0.5",
+                 noise="0.5", mode="sequential", frozen="1", init="x.pth", augmentations="adaptive", batch_size="4",
+                 lr="0.1", warmup_epochs="0.5", weight_decay="0", lars_eta="0.01", grad_scale="0.5",
+                 dataset="fake", limit="4", image_size="40", crop_scale="0.5", seed="1", bf16=None)
+    base = [*SMALL, "--data", "d", "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8"]
+    changing = [k for k in vars(train.get_args(base)) if k not in bookkeeping.RESUMABLE]
+    assert sorted(changing) == sorted(other)  # a new flag must be placed: resumable, or tested here
+    for key in changing:
+        flag = "--" + key.replace("_", "-")
+        args = train.get_args(base + ([flag] if other[key] is None else [flag, other[key]]))
+        with pytest.raises(bookkeeping.Abort) as e:
+            bookkeeping.check_resume(ckpt, train.model_config(args, 2), args, ckpt["data"], "ckpt", 1)
+        assert flag in str(e.value) or f"{key} " in str(e.value) or key == "projector" and "projector" in str(e.value)
+
+
+
+def test_a_rerun_on_another_dataset_is_refused_a_moved_one_resumes(tmp_path, capsys):
+    data, _ = train_tiny(tmp_path)  # 2 classes x 8 images
+    other = image_folder(tmp_path / "other", per_class=4, classes=4)  # 16 images too, other classes
+    base = [*SMALL, "--out", str(tmp_path / "run"), "--batch-size", "8", "--epochs", "2"]
+    expect_one_line_error(capsys, base + ["--data", other], "other class names")
+    shutil.move(data, tmp_path / "moved")
+    train.main(train.get_args(base + ["--data", str(tmp_path / "moved")]))
+    assert weights(tmp_path / "run")["epoch"] == 2
+
+
+def test_resuming_with_another_number_of_processes_is_said(tmp_path):
+    """2 processes stopped after epoch 1, resumed in 1: allowed, said in one line and in log.jsonl."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    argv = ["train.py", "--data", data, "--out", str(tmp_path / "run"), *SMALL, "--batch-size", "8"]
+    assert torchrun(*argv, "--epochs", "1").returncode == 0
+    r = subprocess.run([sys.executable, *argv, "--epochs", "2"], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming a run of 2 process(es) with 1" in r.stdout, r.stderr[-2000:]
+    assert [e["note"][:30] for e in step_log(tmp_path / "run", "resume")] == ["resuming a run of 2 process(es) "[:30]]
+
+
+def test_every_run_records_where_it_ran(tmp_path):
+    data, ckpt = train_tiny(tmp_path)
+    first = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
+    env = weights(tmp_path / "run")["env"]
+    for e in (first["env"], env):
+        assert e["torch"] == str(torch.__version__) and e["torchvision"] == str(torchvision.__version__)
+        assert e["processes"] == 1 and e["python"] and e["device"] and e["command"]
+    assert env["commit"] is None or len(env["commit"].split()[0]) == 40
+    res = probe.main(probe_args(ckpt, data, "--fast", "--out", str(tmp_path / "p")))
+    assert json.load(open(tmp_path / "p" / "probe.json"))["env"]["torch"] == str(torch.__version__) and res["env"]
+
+
+# ---------------- evaluation (evaluation.py, probe.py)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real tiny checkpoint from train.py, shared by the probe tests."""
+    root = tmp_path_factory.mktemp("probe")
+    data = image_folder(root / "data")
+    run_train(data, root / "run", "--epochs", "1", "--batch-size", "8")
+    return data, str(root / "run" / "checkpoint.pth")
+
+
+def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, tmp_path):
+    data, ckpt = trained
+    corrupted = tmp_path / "imagenet-c"
+    for corruption in ("fog", "gaussian_noise"):
+        for severity in ("1", "2"):  # severity 2 adds a class the probes cannot predict: a higher error
+            image_folder(corrupted / corruption / severity, per_class=2, classes=int(severity) + 1, splits=(".",))
+    for extra in (["--fast", "--corruptions", str(corrupted)], [],
+                  ["--features", "trunk", "--blocks-to-probe", "2,4", "--diagnostics"]):
+        res = probe.main(probe_args(ckpt, data, "--out", str(tmp_path), *extra))
+        saved = json.load(open(tmp_path / "probe.json"))
+        assert [b["block"] for b in saved["blocks"]] == ([2, 4] if "trunk" in extra else [1, 2, 3, 4])
+        assert all(0 <= b["top1"] <= 100 and b["top5"] >= b["top1"] for b in saved["blocks"])
+        assert res["blocks"] == saved["blocks"]
+        if "--fast" in extra:  # App. C: per corruption, the mean and std of the error over its severities
+            errors = [saved["corruptions"]["fog"][s][-1] for s in ("1", "2")]
+            assert saved["corruption_summary"]["fog"] == dict(mean=np.mean(errors), std=np.std(errors))
+            assert math.isclose(saved["corruption_mean_error"], np.mean(
+                [v["mean"] for v in saved["corruption_summary"].values()]))
+    assert [d["stage"] for d in saved["diagnostics"]] == [1, 2, 3, 4]
+    assert -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
+    model = probe.load_frozen(ckpt, probe_args(ckpt, data), torch.device("cpu"))[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = Seeded(load_dataset("folder", data), probe_transforms(32)[0])
+    batches = lambda epoch: ((evaluation.block_features(model, x, "head", [0, 3]), y)  # noqa: E731
+                             for x, y in torch.utils.data.DataLoader(ds, 8))
+    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data), 2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
+
+
+def test_corrupted_images_are_fed_as_they_are():
+    """App. C: ImageNet-C's images are 224 px already; no resize, no crop, only normalisation."""
+    img = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
+    x = plain_transform()(img)
+    assert x.shape == (3, 30, 40)
+    assert torch.allclose(x[0, 0, :3] * 0.229 + 0.485, torch.tensor([0.0, 3.0, 6.0]) / 255, atol=1e-6)
+
+
+def test_probe_is_the_same_in_one_and_two_processes(trained, tmp_path):
+    """--fast: features, standardisation and the kNN bank cover the whole dataset on every rank (here 9 validation
+    images: 5 and 4 per rank); diagnostics: C over the global batch. The number of processes changes nothing."""
+    _, ckpt = trained
+    data = image_folder(tmp_path / "data", per_class=2, classes=3, splits=("train",))
+    image_folder(tmp_path / "data", per_class=3, classes=3, splits=("val",))
+    argv = probe_argv(ckpt, data, "--fast", "--diagnostics", "--batch-size", "6")
+    one = probe.main(probe.get_args([*argv, "--out", str(tmp_path / "one")]))
+    r = torchrun("probe.py", *argv, "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "probe.json"))
+    for a, b in zip(one["blocks"], two["blocks"]):
+        assert np.allclose([a[k] for k in ("top1", "top5", "knn")], [b[k] for k in ("top1", "top5", "knn")])
+    for a, b in zip(one["diagnostics"], two["diagnostics"]):
+        assert np.allclose(a["on_q10_50_90"] + a["off_q10_50_90"], b["on_q10_50_90"] + b["off_q10_50_90"], atol=1e-5)
+
+
+def test_probe_counts_are_exact_for_any_number_of_processes(trained, tmp_path):
+    """The released protocol with 9 validation images (5 and 4 per process): no image counted twice, so the
+    accuracies of 1 and 2 processes are the same (DistributedSampler's padding scored 10)."""
+    _, ckpt = trained
+    data = image_folder(tmp_path / "data", per_class=2, classes=3, splits=("train",))
+    image_folder(tmp_path / "data", per_class=3, classes=3, splits=("val",))
+    argv = probe_argv(ckpt, data, "--batch-size", "6", "--epochs", "1")
+    one = probe.main(probe.get_args([*argv, "--out", str(tmp_path / "one")]))
+    r = torchrun("probe.py", *argv, "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "probe.json"))
+    for a, b in zip(one["blocks"], two["blocks"]):
+        assert np.allclose([a["top1"], a["top5"]], [b["top1"], b["top5"]], atol=1e-4)
+        assert round(a["top1"] * 9 / 100, 6) == round(a["top1"] * 9 / 100)  # a whole number of the 9 images
+
+
+def test_rankme_counts_the_directions_used():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2000, 8, generator=g)
+    assert 7.5 < evaluation.rankme(spread) <= 8
+    collapsed = torch.randn(2000, 1, generator=g) @ torch.randn(1, 8, generator=g) + 1e-4 * spread
+    assert evaluation.rankme(collapsed) < 1.1
+
+
+def test_probe_learns_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (600,), generator=g)
+    f = torch.randn(600, 16, generator=g) + 4 * F.one_hot(y, 16).float()
+    probes = probe.Probes([16], 3)
+    args = probe.get_args(["x", "--epochs", "20", "--lr", "0.1"])
+    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args, 12)
+    assert probe.accuracy(probes, [([f], y)])[0]["top1"] > 95
+    assert evaluation.knn(f[:500], y[:500], f[500:], y[500:], 10, 3) > 95
+
+
+def test_corruption_tree_walker(tmp_path):
+    for corruption in ("fog", "gaussian_noise"):
+        for severity in ("1", "5"):
+            image_folder(tmp_path / corruption / severity, per_class=2, splits=(".",))
+    found = [(c, s, len(ds)) for c, s, ds in probe.corruption_sets(str(tmp_path))]
+    assert found == [("fog", "1", 4), ("fog", "5", 4), ("gaussian_noise", "1", 4), ("gaussian_noise", "5", 4)]
+
+
+def test_monitors_compare_held_out_images_with_a_training_bank_without_augmentation(tmp_path):
+    """The bank comes from train/, the held-out images from val/ (disjoint files), both through the probe's
+    deterministic evaluation transform; k = 20; RankMe is the exp-entropy of the normalised singular values."""
+    data = image_folder(tmp_path / "data", per_class=6)
+    bank, held = evaluation.monitor_sets(data, "folder", 8, 32, 0)
+    files = [{os.path.basename(os.path.dirname(os.path.dirname(p))) for p, _ in s.dataset.dataset.samples}
+             for s in (bank, held)]
+    assert files == [{"train"}, {"val"}] and len(bank) == len(held) == 8
+    assert torch.equal(bank[0][0], bank[0][0])  # no random augmentation
+    assert inspect.signature(evaluation.monitors).parameters["k"].default == 20
+    f = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    p = torch.tensor([0.75, 0.25]) + 1e-7
+    assert math.isclose(evaluation.rankme(f), math.exp(-(p * p.log()).sum().item()), rel_tol=1e-6)
+
+
+def test_fast_probe_standardises_with_training_features_only(trained, tmp_path):
+    data, ckpt = trained
+    args = probe_args(ckpt, data, "--fast")
+    model = probe.load_frozen(ckpt, args, torch.device("cpu"))[0]
+    ds = load_dataset("folder", data)
+    _, _, standardised = probe.fast_probe(model, ds, load_dataset("folder", data, train=False), [0], args,
+                                          torch.device("cpu"))
+    tr = evaluation.features(model, Seeded(ds, probe_transforms(32)[1]), [0])[0][0]
+    z = standardised([tr])[0]
+    assert torch.allclose(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4)
+    assert torch.allclose(z.std(0), tr.std(0) / (tr.std(0) + 1e-6), atol=1e-4)  # 1, but for the +1e-6 of std
+
+
+def test_released_probe_draws_new_augmentations_every_epoch(trained):
+    data, ckpt = trained
+    args = probe_args(ckpt, data)
+    model = probe.load_frozen(ckpt, args, torch.device("cpu"))[0]
+    ds, train_t = load_dataset("folder", data), probe_transforms(32)[0]
+    feats = [next(probe.augmented(model, ds, train_t, True, epoch, [3], args, torch.device("cpu")))[0][0]
+             for epoch in (0, 0, 1)]
+    assert torch.equal(feats[0], feats[1]) and not torch.allclose(feats[0], feats[2])
+
+
+def test_untrained_baseline_is_the_network_train_started_from(tmp_path):
+    """--untrained rebuilds the run's starting point: its seed (not the probe's), and its --init weights for the
+    --frozen blocks; without --image-size the probe uses the size the checkpoint was trained at."""
+    data, _ = train_tiny(tmp_path)
+    run_train(data, tmp_path / "b", "--epochs", "1", "--batch-size", "8", "--frozen", "1", "--init",
+              str(tmp_path / "run" / "trunk.pth"), "--seed", "3")
+    ckpt = str(tmp_path / "b" / "checkpoint.pth")
+    args = probe.get_args([ckpt, "--seed", "5"])
+    untrained = probe.load_frozen(ckpt, args, torch.device("cpu"), untrained=True)[0].state_dict()
+    init = torch.load(tmp_path / "run" / "trunk.pth", weights_only=True)
+    assert all(torch.equal(untrained[k], init[k]) for k in init if k.startswith(("conv1", "bn1", "layer1")))
+    torch.manual_seed(3)
+    fresh = BlockResNet(**{**weights(tmp_path / "b")["config"], "projector_widths": None}).state_dict()
+    assert all(torch.equal(untrained[k], fresh[k]) for k in fresh if k.startswith(("layer2", "heads.1")))
+    res = probe.main(probe.get_args([ckpt, "--data", data, "--workers", "0", "--batch-size", "8", "--epochs", "1",
+                                     "--fast", "--device", "cpu", "--out", str(tmp_path / "p")]))
+    assert res["image_size"] == 32
+
+
+# ====================================================================================================
+# Failure handling: every failure is one line, and loses nothing
+# ====================================================================================================
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):
@@ -898,32 +1347,45 @@ def test_bad_flags_are_refused_up_front_naming_the_flag(tmp_path, capsys):
         expect_one_line_error(capsys, probe_argv(ckpt, data, *extra), flag, entry=probe)
 
 
-def train_tiny(tmp_path):
+def test_unknown_config_keys_and_bad_values_are_named(trained, tmp_path, capsys):
+    """A checkpoint from a newer release (an unknown config key) is refused by probe.py and train.py, naming the
+    key; flags whose value cannot make a model name the flag; WORLD_SIZE without torchrun is one line."""
+    data, ckpt = trained
+    bad = torch.load(ckpt, weights_only=True)
+    bad["config"]["patch_size"] = 4
+    os.makedirs(tmp_path / "new")
+    torch.save(bad, tmp_path / "new" / "checkpoint.pth")
+    expect_one_line_error(capsys, probe_argv(str(tmp_path / "new" / "checkpoint.pth"), data), "'patch_size'",
+                          entry=probe)
+    base = [*SMALL, "--data", data, "--batch-size", "8", "--epochs", "1"]
+    expect_one_line_error(capsys, base + ["--out", str(tmp_path / "new")], "'patch_size'")
+    out = ["--out", str(tmp_path / "x")]
+    for extra, flag in ((["--groups", "3"], "--groups 3"), (["--target", "abc"], "--target"),
+                        (["--seed", str(2 ** 64)], "--seed"), (["--pooling", "lsp", "--head-dim", "64"], "--head-dim"),
+                        (["--batch-size", "1"], "--batch-size 1"), (["--frozen", "a"], "--frozen"),
+                        (["--augmentations", "hard"], "--augmentations"), (["--device", "cuda"], "--device cuda")):
+        if extra[0] == "--device" and torch.cuda.is_available():
+            continue
+        expect_one_line_error(capsys, base + out + extra, flag)
+    expect_one_line_error(capsys, probe_argv(ckpt, data, "--blocks-to-probe", "a"), "--blocks-to-probe", entry=probe)
+    r = subprocess.run([sys.executable, "train.py", *base, *out], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "WORLD_SIZE": "2"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "torchrun" in r.stderr, r.stderr
+
+
+def test_gpu_only_options_without_a_gpu_are_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here")
     data = image_folder(tmp_path / "data")
-    run_train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "8")
-    return data, str(tmp_path / "run" / "checkpoint.pth")
-
-
-def test_a_rerun_may_extend_but_not_change_the_run(tmp_path, capsys):
-    data, _ = train_tiny(tmp_path)
-    base = [*SMALL, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "8"]
-    for extra, says in ((["--epochs", "2", "--lr", "0.1"], "was run with --lr 0.05, not 0.1"),
-                        (["--epochs", "2", "--seed", "1"], "--seed 0, not 1"),
-                        (["--epochs", "2", "--loss", "vicreg"], "--loss barlowtwins, not vicreg"),
-                        (["--epochs", "2", "--batch-size", "4"], "--batch-size 8, not 4"),
-                        (["--epochs", "2", "--limit", "8"], "--limit 0, not 8")):
-        expect_one_line_error(capsys, base + extra, says)
-    assert weights(tmp_path / "run")["epoch"] == 1
-    train.main(train.get_args(base + ["--epochs", "2", "--workers", "1", "--print-freq", "3"]))  # extend: allowed
-    assert weights(tmp_path / "run")["epoch"] == 2
-    assert [e for e in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "resume" in e] == \
-        [dict(resume=dict(epoch=1, step=0))]
+    base = [a for a in SMALL if a not in ("--device", "cpu")] + ["--data", data, "--out", str(tmp_path / "o")]
+    for extra in (["--bf16"], ["--gpu-aug"]):
+        expect_one_line_error(capsys, base + extra, f"{extra[0]} but no usable GPU")
 
 
 def test_one_run_per_output_folder(tmp_path, capsys):
     data = image_folder(tmp_path / "data")
     os.makedirs(tmp_path / "out")
-    code = f"import cli, sys; lock = cli.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); sys.stdin.read()"
+    code = f"import bookkeeping, sys; lock = bookkeeping.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); sys.stdin.read()"
     other = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     other.stdout.readline()  # another run holds the folder
     argv = [*SMALL, "--data", data, "--out", str(tmp_path / "out")]
@@ -949,43 +1411,65 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_partial_file(tmp_p
     """A full disk, made real with a file-size limit in a child process: one line, nothing half-written."""
     path = tmp_path / "checkpoint.pth"
     torch.save({"old": torch.zeros(1)}, path)
-    code = ("import resource, signal, sys, torch, train\n"
+    code = ("import resource, signal, sys, torch, bookkeeping\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-            f"try:\n    train.save_atomic({{'new': torch.zeros(1 << 20)}}, {str(path)!r})\n"
-            "except train.Abort as e:\n    print(e)\n    sys.exit(3)\n")
+            f"try:\n    bookkeeping.save_atomic({{'new': torch.zeros(1 << 20)}}, {str(path)!r})\n"
+            "except bookkeeping.Abort as e:\n    print(e)\n    sys.exit(3)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
     assert r.returncode == 3 and "cannot write" in r.stdout and "previous checkpoint.pth is kept" in r.stdout
     assert os.listdir(tmp_path) == ["checkpoint.pth"] and "old" in torch.load(path, weights_only=True)
 
 
-def test_images_that_would_be_read_wrongly_are_scaled_or_refused(tmp_path):
-    grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 16-bit, up to 63000
-    Image.fromarray(grey16).save(tmp_path / "a.png")
-    got = np.asarray(load_image(tmp_path / "a.png").convert("L"))
-    assert got.max() == 63000 >> 8 and got[0, 1] == 1000 >> 8  # scaled, not saturated to white
-    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "b.tiff")
-    with pytest.raises(ValueError, match="floating-point"):
-        load_image(tmp_path / "b.tiff")
-    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "bomb.png")
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1000  # 90,000 pixels is a bomb to this limit
-    try:
-        with pytest.raises(ValueError, match="bomb.png"):
-            load_image(tmp_path / "bomb.png")
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+def test_a_shorter_rerun_is_refused_naming_both(tmp_path, capsys):
+    data, _ = train_tiny(tmp_path)
+    base = [*SMALL, "--data", data, "--out", str(tmp_path / "run"), "--batch-size", "8"]
+    train.main(train.get_args(base + ["--epochs", "2"]))
+    trunk = os.path.getmtime(tmp_path / "run" / "trunk.pth")
+    err = expect_one_line_error(capsys, base + ["--epochs", "1"], "--epochs 1: ")
+    assert "already run 2 epochs" in err
+    assert os.path.getmtime(tmp_path / "run" / "trunk.pth") == trunk
 
 
-def test_a_symlink_loop_counts_each_image_once(tmp_path):
-    data = image_folder(tmp_path / "data", per_class=3)
-    os.symlink(os.path.join(data, "train", "class0"), os.path.join(data, "train", "class0", "loop"))
-    assert len(train.dataset("folder", data)) == 6
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")
+    good = weights(tmp_path / "out")
+    good["args"]["lr"] = 1e30  # the same run, had it been started with a diverging lr (a rerun may not change it)
+    torch.save(good, tmp_path / "out" / "checkpoint.pth")
+    err = expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out"), "--epochs", "4",
+                                         "--batch-size", "8", "--lr", "1e30"], "loss of block")
+    assert "step" in err and "last good state" in err
+    kept = weights(tmp_path / "out")
+    assert kept["epoch"] == 1 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+
+
+def test_a_killed_data_loading_worker_saves_then_says_why(tmp_path):
+    """A worker killed (the out-of-memory killer's SIGKILL) in the middle of an epoch: the steps done are saved, one
+    line names the likely cause, exit 2; the rerun resumes from there and finishes."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", "--workers", "2",
+           "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(p, tmp_path / "out")
+    os.kill(child_pids(p.pid)[0], signal.SIGKILL)
+    stdout, stderr = p.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "a data-loading worker died" in lines[0], stderr[-2000:]
+    assert "--workers" in lines[0] and "saved" in lines[0] and weights(tmp_path / "out")["step"] > 0
+    subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
+    assert weights(tmp_path / "out")["epoch"] == 2
+
+
+def child_pids(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
 
 
 def test_every_rank_names_its_own_failure(tmp_path):
     """A corrupt image that rank 1 reads: rank 1 says so in one line naming itself and the file; rank 0 stops."""
     data = image_folder(tmp_path / "data", per_class=4)
-    ds = train.dataset("folder", data)
+    ds = load_dataset("folder", data)
     sampler = torch.utils.data.DistributedSampler(ds, 2, 1, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(0)
     bad = ds.samples[list(sampler)[0]][0]
@@ -1032,6 +1516,23 @@ def test_a_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
     assert "train.py: error: rank 0: stopped: another process failed or did not answer within --timeout" in stderr
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A node's scheduler signals only its own processes: rank 1 gets SIGTERM; both stop at the same step, rank 0
+    saves and says why, exit 0, and the rerun resumes."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", data, "--out", out, *SMALL, "--batch-size", "8", "--epochs", "2"]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(p, out)
+    os.kill(rank_pid(out, 1), signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0 and "another process was signalled: saved" in stdout, stderr[-3000:]
+    assert "Traceback" not in stderr and weights(out)["step"] > 0
+    r = torchrun(*cmd[5:])
+    assert r.returncode == 0 and weights(out)["epoch"] == 2, r.stderr[-3000:]
+
+
 def test_batch_not_divisible_by_world_size(tmp_path):
     data = image_folder(tmp_path / "data")
     r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "7")
@@ -1040,117 +1541,32 @@ def test_batch_not_divisible_by_world_size(tmp_path):
                                                     "by the 2 processes") == 1
 
 
-def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    data = image_folder(tmp_path / "data")
-    run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8")
-    good = weights(tmp_path / "out")
-    good["args"]["lr"] = 1e30  # the same run, had it been started with a diverging lr (a rerun may not change it)
-    torch.save(good, tmp_path / "out" / "checkpoint.pth")
-    err = expect_one_line_error(capsys, [*SMALL, "--data", data, "--out", str(tmp_path / "out"), "--epochs", "4",
-                                         "--batch-size", "8", "--lr", "1e30"], "loss of block")
-    assert "step" in err and "last good state" in err
-    kept = weights(tmp_path / "out")
-    assert kept["epoch"] == 1 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
-
-
-# ---------------------------------------------------------------- evaluation (probe.py)
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real tiny checkpoint from train.py, shared by the probe tests."""
-    root = tmp_path_factory.mktemp("probe")
-    data = image_folder(root / "data")
-    run_train(data, root / "run", "--epochs", "1", "--batch-size", "8")
-    return data, str(root / "run" / "checkpoint.pth")
-
-
-def probe_argv(ckpt, data, *extra):
-    return [ckpt, "--data", data, "--image-size", "32", "--workers", "0", "--batch-size", "8", "--epochs", "2", *extra]
-
-
-def probe_args(ckpt, data, *extra):
-    return probe.get_args(probe_argv(ckpt, data, *extra))
-
-
-def test_probe_writes_one_entry_per_block_and_leaves_the_network_alone(trained, tmp_path):
+def test_probe_keeps_finished_parts_on_a_signal_and_locks_its_folder(trained, tmp_path, capsys):
+    """SIGTERM during the --untrained pass: the trained network's results are in probe.json, one line says so, exit
+    128 + 15. A second probe on the same --out is refused while the first runs; an --out that cannot be made is
+    refused at the start. The untrained pass is held by an --init file that is a FIFO, opened but never written."""
     data, ckpt = trained
-    corrupted = tmp_path / "imagenet-c"
-    for corruption in ("fog", "gaussian_noise"):
-        for severity in ("1", "2"):  # severity 2 adds a class the probes cannot predict: a higher error
-            image_folder(corrupted / corruption / severity, per_class=2, classes=int(severity) + 1, splits=(".",))
-    for extra in (["--fast", "--corruptions", str(corrupted)], [],
-                  ["--features", "trunk", "--blocks-to-probe", "2,4", "--diagnostics"]):
-        res = probe.main(probe_args(ckpt, data, "--out", str(tmp_path), *extra))
-        saved = json.load(open(tmp_path / "probe.json"))
-        assert [b["block"] for b in saved["blocks"]] == ([2, 4] if "trunk" in extra else [1, 2, 3, 4])
-        assert all(0 <= b["top1"] <= 100 and b["top5"] >= b["top1"] for b in saved["blocks"])
-        assert res["blocks"] == saved["blocks"]
-        if "--fast" in extra:  # App. C: per corruption, the mean and std of the error over its severities
-            errors = [saved["corruptions"]["fog"][s][-1] for s in ("1", "2")]
-            assert saved["corruption_summary"]["fog"] == dict(mean=np.mean(errors), std=np.std(errors))
-            assert math.isclose(saved["corruption_mean_error"], np.mean(
-                [v["mean"] for v in saved["corruption_summary"].values()]))
-    assert [d["stage"] for d in saved["diagnostics"]] == [1, 2, 3, 4]
-    assert -1.01 < saved["diagnostics"][0]["on_mean"] < 1.01
-    model = probe.load_frozen(ckpt, probe_args(ckpt, data), torch.device("cpu"))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ds = probe.Seeded(train.dataset("folder", data), probe.probe_transforms(32)[0])
-    batches = lambda epoch: ((probe.block_features(model, x, "head", [0, 3]), y)  # noqa: E731
-                             for x, y in torch.utils.data.DataLoader(ds, 8))
-    probe.sgd_epochs(probe.Probes([128, 128], 2), batches, probe_args(ckpt, data), 2)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BN statistics
+    held = torch.load(ckpt, weights_only=True)
+    os.mkfifo(tmp_path / "fifo")
+    held["args"].update(frozen="1", init=str(tmp_path / "fifo"))
+    torch.save(held, tmp_path / "held.pth")
+    argv = [sys.executable, "probe.py", *probe_argv(str(tmp_path / "held.pth"), data, "--untrained", "--fast",
+                                                     "--out", str(tmp_path / "p"))]
+    p = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while p.poll() is None and not (tmp_path / "p" / "probe.json").exists():
+        time.sleep(0.05)
+    r = subprocess.run(argv, cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 2 and "in use by pid" in r.stderr, r.stderr
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and stderr.strip().endswith("probe.json holds the parts that were "
+                                                                              "finished"), stderr[-2000:]
+    saved = json.load(open(tmp_path / "p" / "probe.json"))
+    assert len(saved["blocks"]) == 4 and "untrained" not in saved
+    (tmp_path / "file").write_text("")
+    expect_one_line_error(capsys, probe_argv(ckpt, data, "--out", str(tmp_path / "file" / "p")), "not writable",
+                          entry=probe)
 
-
-def test_corrupted_images_are_fed_as_they_are():
-    """App. C: ImageNet-C's images are 224 px already; no resize, no crop, only normalisation."""
-    img = Image.fromarray(np.arange(40 * 30 * 3, dtype=np.uint8).reshape(30, 40, 3))
-    x = probe.plain_transform()(img)
-    assert x.shape == (3, 30, 40)
-    assert torch.allclose(x[0, 0, :3] * 0.229 + 0.485, torch.tensor([0.0, 3.0, 6.0]) / 255, atol=1e-6)
-
-
-def test_probe_is_the_same_in_one_and_two_processes(trained, tmp_path):
-    """--fast: features, standardisation and the kNN bank cover the whole dataset on every rank (here 9 validation
-    images: 5 and 4 per rank); diagnostics: C over the global batch. The number of processes changes nothing."""
-    _, ckpt = trained
-    data = image_folder(tmp_path / "data", per_class=2, classes=3, splits=("train",))
-    image_folder(tmp_path / "data", per_class=3, classes=3, splits=("val",))
-    argv = probe_argv(ckpt, data, "--fast", "--diagnostics", "--batch-size", "6")
-    one = probe.main(probe.get_args([*argv, "--out", str(tmp_path / "one")]))
-    r = torchrun("probe.py", *argv, "--out", str(tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = json.load(open(tmp_path / "two" / "probe.json"))
-    for a, b in zip(one["blocks"], two["blocks"]):
-        assert np.allclose([a[k] for k in ("top1", "top5", "knn")], [b[k] for k in ("top1", "top5", "knn")])
-    for a, b in zip(one["diagnostics"], two["diagnostics"]):
-        assert np.allclose(a["on_q10_50_90"] + a["off_q10_50_90"], b["on_q10_50_90"] + b["off_q10_50_90"], atol=1e-5)
-
-
-def test_rankme_counts_the_directions_used():
-    g = torch.Generator().manual_seed(0)
-    spread = torch.randn(2000, 8, generator=g)
-    assert 7.5 < probe.rankme(spread) <= 8
-    collapsed = torch.randn(2000, 1, generator=g) @ torch.randn(1, 8, generator=g) + 1e-4 * spread
-    assert probe.rankme(collapsed) < 1.1
-
-
-def test_probe_learns_linearly_separable_features():
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (600,), generator=g)
-    f = torch.randn(600, 16, generator=g) + 4 * F.one_hot(y, 16).float()
-    probes = probe.Probes([16], 3)
-    args = probe.get_args(["x", "--epochs", "20", "--lr", "0.1"])
-    probe.sgd_epochs(probes, lambda epoch: (([f[i:i + 50]], y[i:i + 50]) for i in range(0, 600, 50)), args, 12)
-    assert probe.accuracy(probes, [([f], y)])[0]["top1"] > 95
-    assert probe.knn(f[:500], y[:500], f[500:], y[500:], 10, 3) > 95
-
-
-def test_corruption_tree_walker(tmp_path):
-    for corruption in ("fog", "gaussian_noise"):
-        for severity in ("1", "5"):
-            image_folder(tmp_path / corruption / severity, per_class=2, splits=(".",))
-    found = [(c, s, len(ds)) for c, s, ds in probe.corruption_sets(str(tmp_path))]
-    assert found == [("fog", "1", 4), ("fog", "5", 4), ("gaussian_noise", "1", 4), ("gaussian_noise", "5", 4)]
 
 
 def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
@@ -1162,6 +1578,14 @@ def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
     torch.save(bad, tmp_path / "bad.pth")
     expect_one_line_error(capsys, probe_argv(str(tmp_path / "bad.pth"), data), "does not match", entry=probe)
     expect_one_line_error(capsys, probe_argv(str(tmp_path / "run" / "nothing.pth"), data), "cannot read", entry=probe)
+
+
+def test_bench_refuses_bad_flags_in_one_line(tmp_path):
+    for extra, says in ((["--steps", "0"], "--steps"), (["--arch", "resnet99"], "--arch"),
+                        (["--projector", "abc"], "--projector"), (["--configs", "nope"], "--configs"),
+                        (["--loop", "--dataset", "folder", "--data", str(tmp_path)], "no train/ folder")):
+        r = subprocess.run([sys.executable, "bench.py", *extra], cwd=HERE, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
 
 
 if __name__ == "__main__" and sys.argv[1] == "dist-worker":

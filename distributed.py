@@ -1,0 +1,180 @@
+"""Processes: torchrun's process group, this process's rank and device, and every collective the run issues
+outside the losses (losses.py holds the autograd-aware ones of Eq. (1) and Fig. 5).
+
+Every collective here takes its tensor on the process group's device: NCCL serves CUDA tensors only, so a
+tensor made on the host is copied there and back (`_on_group_device`). Three groups share the processes:
+- the default group (NCCL on GPUs, gloo on CPU): losses, SyncBatchNorm, buffers, features, counts;
+- `GRADS`, a second communicator of the same backend: the per-block gradient averaging of train.py, so that
+  block k's all-reduce runs beside block k+1's SyncBatchNorm and loss collectives instead of queueing behind them;
+- `CONTROL`, gloo on the host: the flags that steer the loop (stop at this step, a process failed), so that
+  deciding never waits for the GPU.
+Written by hand, not DistributedDataParallel: DDP's contract is one forward and one backward, Algorithm 1 has
+one backward per block (README, "How this differs").
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+DEVICE = torch.device("cpu")  # the default group's device, set by setup()
+GRADS = CONTROL = None
+FORCE = "BLOCKWISE_DISTRIBUTED"  # =1: the distributed code path in a single process (.ci/gpu runs it with NCCL)
+
+
+def setup(device="auto", timeout_min=10.0, needs_gpu=""):
+    """Bind this process to its device and, under torchrun (or with BLOCKWISE_DISTRIBUTED=1), join the process
+    group: NCCL on GPUs, gloo on CPU. `device`: auto (a GPU if one is usable), cuda or cpu. `needs_gpu` names
+    what asks for a GPU (e.g. "--bf16"): with `auto` and no usable GPU that is refused rather than run on the CPU.
+    A collective that waits longer than `timeout_min` for another process fails. Returns the device.
+    Raises ValueError (one line) for an impossible set-up."""
+    global DEVICE, GRADS, CONTROL
+    world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but no RANK: start the processes with torchrun, which sets both")
+    usable = torch.cuda.is_available()
+    if device == "auto":
+        wants = needs_gpu or (f"{world} processes" if world > 1 else "")
+        if wants and not usable:
+            raise ValueError(f"{wants} but no usable GPU (torch.cuda.is_available() is False: no GPU, or a driver "
+                             "too old for this torch); pass --device cpu to run on the CPU")
+        device = "cuda" if usable else "cpu"
+    if device == "cuda":
+        if not usable:
+            raise ValueError("--device cuda: no usable GPU (torch.cuda.is_available() is False)")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank}, but this node shows {torch.cuda.device_count()} GPU(s): "
+                             "--nproc_per_node must not exceed them (or pass --device cpu)")
+        DEVICE = torch.device("cuda", local_rank)
+        torch.cuda.set_device(DEVICE)
+    else:
+        DEVICE = torch.device("cpu")
+    if world > 1 or os.environ.get(FORCE) == "1":
+        timeout = datetime.timedelta(minutes=timeout_min)
+        cuda = DEVICE.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=DEVICE if cuda else None, timeout=timeout)
+        GRADS = dist.new_group(timeout=timeout)
+        CONTROL = dist.new_group(backend="gloo", timeout=timeout)
+    return DEVICE
+
+
+def active():
+    """Whether this process is part of a process group (torchrun, or forced): every collective then runs."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def world():  # §3.4: the global batch is spread over this many processes
+    return dist.get_world_size() if active() else 1
+
+
+def _on_group_device(collective, t, group=None, **kw):
+    """Run `collective` on `t` in place, on the group's device (the host for CONTROL), copying if need be."""
+    where = torch.device("cpu") if group is not None and group is CONTROL else DEVICE
+    moved = t if t.device == where else t.to(where)
+    work = collective(moved, group=group, **kw)
+    if moved is not t:
+        if work is not None:
+            work.wait()
+        t.copy_(moved)
+    return work
+
+
+def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """Sum (or `op`) of `t` over the processes, in place; async_op returns the work to wait for."""
+    if not active():
+        return None
+    return _on_group_device(dist.all_reduce, t, group, op=op, async_op=async_op)
+
+
+def broadcast(t, src=0):
+    """Rank `src`'s `t` to every process, in place."""
+    if active():
+        _on_group_device(dist.broadcast, t, src=src)
+
+
+def gather_rows(t, n):
+    """Rank r holds rows r, r + world, r + 2 world, ... of an n-row tensor; every rank gets all n rows, in order,
+    on the group's device."""
+    if not active():
+        return t
+    w, t = world(), t.to(DEVICE)
+    padded = t.new_zeros(-(-n // w), *t.shape[1:])
+    padded[:len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).flatten(0, 1)[:n]
+
+
+def agree(*flags):
+    """Each flag OR-ed over the processes, on the host (CONTROL group): every rank takes the same decision at the
+    same step. Returns a tuple of bools."""
+    if not active():
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(bool(f)) for f in flags])
+    all_reduce(t, dist.ReduceOp.MAX, group=CONTROL)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def first_rank_with(flag):
+    """The lowest rank whose `flag` is true, or None (CONTROL group)."""
+    t = torch.tensor([float(rank() if flag else world())])
+    if active():
+        all_reduce(t, dist.ReduceOp.MIN, group=CONTROL)
+    return None if t.item() >= world() else int(t.item())
+
+
+def average_grads(params):
+    """Start averaging these gradients over the processes (GRADS group); returns a function that waits and writes
+    them back. train.py calls it per block, as DDP does per bucket, so that it overlaps the next block's compute."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not active():
+        return lambda: None
+    flat = torch.cat([g.flatten() for g in grads])
+    work = all_reduce(flat, group=GRADS, async_op=True)
+
+    def finish():
+        work.wait()
+        unflatten_into(flat.div_(world()), grads)
+    return finish
+
+
+def unflatten_into(flat, tensors):
+    """Copy a vector back into the tensors it was concatenated from (one message instead of one each)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def broadcast_buffers(model):
+    """BatchNorm running statistics from rank 0 to all, in one message, as DDP's broadcast_buffers does. Needed
+    with plain BatchNorm (CPU), where each rank tracks the statistics of its own images; SyncBatchNorm (GPU)
+    tracks the global batch's on every rank already."""
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if active() and bufs:
+        flat = torch.cat([b.flatten() for b in bufs])
+        broadcast(flat, 0)
+        unflatten_into(flat, bufs)
+
+
+def check_replicas(model):
+    """After training, every rank must hold exactly rank 0's weights and BN statistics (gradients averaged
+    identically, BN buffers of frozen blocks untouched); a mismatch is a bug, not noise. Returns a line to print.
+    Raises ValueError naming how many ranks differ."""
+    mine = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+    ref = mine.clone()
+    broadcast(ref, 0)
+    bad = torch.tensor(float(not torch.equal(mine, ref)))
+    all_reduce(bad)
+    if bad:
+        raise ValueError(f"the weights of {int(bad)} rank(s) differ from rank 0's")
+    return f"all {world()} ranks hold identical weights"
+
+
+def close():
+    if active():
+        dist.destroy_process_group()
