@@ -31,11 +31,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import augment
 import bookkeeping
 import data
+import distributed
 import losses
 import recompute
 import train
-from blockwise import ARCHS, POOLINGS, BlockResNet
-from cli import COUNT, POSITIVE_INT, Abort, Parser, run
+import vit
+from blockwise import ARCHS, POOLINGS
+from cli import COUNT, POSITIVE_INT, Abort, Parser, run, widths
 
 # name: (schedule, options); options: bf16, channels_last, recompute (heads/all), compile
 CONFIGS = {
@@ -61,11 +63,12 @@ DEFAULT_CPU = ["e2e fp32", "released fp32", "ours fp32", "ours fp32 compile", "o
 def get_args(argv=None):
     p = Parser(__doc__)
     a = p.add_argument
-    a("--arch", default="resnet50", choices=ARCHS)
+    a("--arch", default="resnet50", choices=ARCHS + tuple(vit.VITS))
+    a("--patch-size", type=POSITIVE_INT, default=16, help="ViT patch size")
     a("--image-size", type=POSITIVE_INT, default=224)
     a("--batch-size", type=POSITIVE_INT, default=8, help="images per view per step")
-    a("--projector", default="2048-2048-2048", type=train.widths)
-    a("--pooling", default="cbe", choices=POOLINGS)
+    a("--projector", default="2048-2048-2048", type=widths)
+    a("--pooling", default="cbe", choices=tuple(dict.fromkeys(POOLINGS + vit.POOLINGS)))
     a("--head-dim", type=POSITIVE_INT, default=2048)
     a("--loop", action="store_true", help="time the whole training loop instead (train.py: data loading, workers, "
       "two-view augmentation, step), with the CPU pipeline and with --gpu-aug, beside the step alone and each "
@@ -95,12 +98,14 @@ def setup(args, schedule, opt):
     """Model, optimizer, two random views and the step function of one configuration."""
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train.configure(device)  # cuDNN autotuning and TF32, as train.py
-    widths = [int(w) for w in args.projector.split("-")]
-    model = BlockResNet(args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
-                        head_dim=args.head_dim, noise=0.0 if schedule == "e2e" else 0.25,
-                        projector_widths=widths).to(device).train()
-    recompute.apply(model, opt.get("recompute", "none"))
+    distributed.configure(device)  # cuDNN autotuning and TF32, as train.py
+    config = dict(arch=args.arch, blocks="1234" if schedule == "e2e" else "1,2,3,4", pooling=args.pooling,
+                  head_dim=args.head_dim, noise=0.0 if schedule == "e2e" else 0.25,
+                  projector_widths=[int(w) for w in args.projector.split("-")])
+    config.update(dict(image_size=args.image_size, patch_size=args.patch_size) if args.arch in vit.VITS else {})
+    model = bookkeeping.network(config, 0).to(device).train()
+    if opt.get("recompute"):
+        recompute.apply(model, opt["recompute"])
     fmt = torch.channels_last if opt.get("channels_last") else torch.contiguous_format
     model.to(memory_format=fmt)
     y1, y2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=fmt)

@@ -80,7 +80,7 @@ class Pool(nn.Module):
                 nn.Conv2d(channels, dim, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
                 nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
         else:
-            raise ValueError(f"unknown pooling {kind!r}; choose from {', '.join(POOLINGS)}")
+            raise ValueError(f"--pooling {kind}: a ResNet's heads are {', '.join(POOLINGS)}")
 
     def forward(self, x):
         if self.kind == "gsp":

@@ -228,6 +228,26 @@ def check_resume(ckpt, config, args, data, path, total_epochs):
     return None
 
 
+def resume(run):
+    """Resume from checkpoint.pth when rank 0 finds one (rank 0 decides; every process then reads it, as the folder
+    is shared); else every process takes rank 0's initial weights. Returns (epoch, step) to go on from."""
+    found, = distributed.agree(distributed.rank() == 0 and os.path.exists(run.path))
+    if not found:
+        for t in run.model.state_dict().values():
+            distributed.broadcast(t, 0)
+        return 0, 0
+    ckpt = load(run.path, needs=("model", "optimizer", "config", "epoch", "step"))
+    note = check_resume(ckpt, run.config, run.args, run.data, run.path, run.epochs)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.router:
+        run.router.table.copy_(ckpt["router"])
+    run.log(resume=dict(epoch=ckpt["epoch"], step=ckpt["step"]), **(dict(note=note) if note else {}))
+    if note and distributed.rank() == 0:  # the steps logged after this line redo those after that checkpoint
+        print(note, flush=True)
+    return ckpt["epoch"], ckpt["step"]
+
+
 def fingerprint(train_set):
     """What identifies a training set whatever its folder: its class names and number of images."""
     base = getattr(train_set, "dataset", train_set)  # a --limit subset

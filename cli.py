@@ -11,6 +11,7 @@ import traceback
 import torch.distributed as dist
 
 import distributed
+from blockwise import parse_blocks
 
 
 class Abort(Exception):
@@ -51,6 +52,28 @@ ODD = checked(int, lambda v: v >= 1 and v % 2, "odd and positive (an even kernel
 POSITIVE = checked(float, lambda v: v > 0, "positive")
 NON_NEGATIVE = checked(float, lambda v: v >= 0, "zero or more")
 FRACTION = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def block_split(text):  # --blocks (blockwise.parse_blocks), checked as it is parsed
+    try:
+        parse_blocks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+    return text
+
+
+def widths(text):  # --projector
+    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
+        raise argparse.ArgumentTypeError(f"expected positive widths like 8192-8192-8192, not {text}")
+    return text
+
+
+def number_list(text):  # --lambd, --target
+    try:
+        numbers(text, "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, not {text}") from None
+    return text
 
 
 def numbers(text, flag, n=None, kind=float):
@@ -141,8 +164,9 @@ def run(main, argv, prog, interrupted="the last checkpoint.pth is kept"):
                    f"({one_line(e)[:200]})", 2)
     except KeyboardInterrupt:
         code = say(f"{prog}: {who}interrupted by a second Ctrl-C; {interrupted}", 130)
-    except Stopped as e:
-        code = say(f"{prog}: {who}stopped by {signal.Signals(e.args[0]).name}; {interrupted}", 128 + e.args[0])
+    except Stopped as e:  # args: the signal, and what was kept if the program says
+        code = say(f"{prog}: {who}stopped by {signal.Signals(e.args[0]).name}; {(e.args[1:] or (interrupted,))[0]}",
+                   128 + e.args[0])
     finally:
         distributed.close()
         for child in multiprocessing.active_children():  # data-loading workers ignore SIGTERM (quiet_worker),

@@ -14,7 +14,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 import distributed
-from augment import IMAGENET_MEAN, IMAGENET_STD
+from augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews
+from cli import quiet_worker
 
 DATASETS = ("folder", "cifar10", "fashion-mnist", "fake")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
@@ -132,6 +133,36 @@ class Seeded(torch.utils.data.Dataset):
         torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0xFFFF_FFFF)
         transform = self.transform[t] if isinstance(self.transform, (list, tuple)) else self.transform
         return transform(img), label
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """This process's share of an epoch as Seeded keys (epoch, image, view set), in a DistributedSampler's order.
+    The epoch travels with each image, so the DataLoader's workers can live for the whole run."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.keys = n, seed, []
+
+    def epoch_keys(self, epoch, start=0, end=None, views=0):
+        order = torch.utils.data.DistributedSampler(range(self.n), distributed.world(), distributed.rank(),
+                                                    shuffle=True, seed=self.seed, drop_last=True)
+        order.set_epoch(epoch)
+        return [(epoch, i, views) for i in list(order)[start:end]]
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def training_loader(train_set, sets, args):
+    """The two views of every training image, each block's set of views (App. A), `--workers` processes that live
+    for the run (persistent: no fork per epoch)."""
+    data = Seeded(train_set, [TwoViews(args.image_size, views, on_device=args.gpu_aug) for views in sets], args.seed)
+    return torch.utils.data.DataLoader(data, args.batch_size // distributed.world(), sampler=EpochKeys(len(data),
+                                       args.seed), drop_last=True, num_workers=args.workers,
+                                       pin_memory=distributed.DEVICE.type == "cuda", worker_init_fn=quiet_worker,
+                                       persistent_workers=args.workers > 0)
 
 
 def fashion_mnist_root(root):

@@ -12,6 +12,7 @@ Written by hand, not DistributedDataParallel: DDP's contract is one forward and 
 one backward per block (README, "How this differs").
 """
 import datetime
+import logging
 import os
 
 import torch
@@ -49,13 +50,42 @@ def setup(device="auto", timeout_min=10.0, needs_gpu=""):
         torch.cuda.set_device(DEVICE)
     else:
         DEVICE = torch.device("cpu")
+    configure(DEVICE)
     if world > 1 or os.environ.get(FORCE) == "1":
         timeout = datetime.timedelta(minutes=timeout_min)
         cuda = DEVICE.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=DEVICE if cuda else None, timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=DEVICE if cuda else None, timeout=timeout,
+                                **restart_safe_store(world, timeout))
         GRADS = dist.new_group(timeout=timeout)
         CONTROL = dist.new_group(backend="gloo", timeout=timeout)
     return DEVICE
+
+
+def configure(device):
+    """Process-wide settings. GPU: cuDNN picks each convolution's fastest algorithm once (the sizes never change);
+    fp32 matmuls use TF32, as cuDNN's convolutions already do. Inductor compiles with the node's cores shared among
+    its processes. CPU: compile's probe for a CUDA toolkit is irrelevant and silenced."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, os.cpu_count() // per_node)))
+    else:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def restart_safe_store(world, timeout):
+    """init_process_group's store under torchrun: the agent's, with this restart's keys apart from the last one's.
+    torchrun shares one store across restarts (TORCHELASTIC_USE_AGENT_STORE), so after `--max-restarts` a new
+    process group read the dead processes' addresses and hung (pytorch/pytorch#135712); each restart now has its own
+    prefix. Without the agent's store, env:// as usual."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"blockwise/attempt_{attempt}", store), rank=int(os.environ["RANK"]),
+                world_size=world)
 
 
 def active():

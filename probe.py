@@ -25,7 +25,8 @@ import losses
 from augment import TwoViews, normalize
 import vit
 from blockwise import ARCHS, POOLINGS
-from cli import COUNT, POSITIVE, POSITIVE_INT, SEED, Abort, Parser, Ticker, quiet_worker, raise_on_signals, run
+from cli import (COUNT, POSITIVE, POSITIVE_INT, SEED, Abort, Parser, Stopped, Ticker, quiet_worker, raise_on_signals,
+                 run)
 from data import DATASETS, ImageFolder, Seeded, dataset, plain_transform, probe_transforms
 from evaluation import block_features, features, knn
 
@@ -314,9 +315,16 @@ def main(args):
     probed = probed or list(range(len(model.blocks)))
     if not set(probed) <= set(range(len(model.blocks))):
         raise Abort(f"--blocks-to-probe {args.blocks_to_probe}: the model has blocks 1-{len(model.blocks)}")
+    out = os.path.join(out_dir, "probe.json")
     with bookkeeping.prepare_out(out_dir, "probe", lock=".probe.lock"):
         raise_on_signals()
-        return probe_all(model, probed, args, device, os.path.join(out_dir, "probe.json"))
+        try:
+            return probe_all(model, probed, args, device, out)
+        except Stopped as e:
+            done = json.load(open(out)) if os.path.exists(out) else {}
+            parts = [p for p in ("blocks", "untrained", "corruptions", "diagnostics") if p in done]
+            raise Stopped(e.args[0], f"{out} holds the parts that were finished ({', '.join(parts)})" if parts
+                          else "nothing was finished, nothing written") from None
 
 
 def probe_all(model, probed, args, device, out):

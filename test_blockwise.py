@@ -27,7 +27,9 @@ from PIL import Image, ImageFilter
 import losses
 import probe
 import recompute
+import routing
 import train
+import vit
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
 import augment as aug
 import bookkeeping
@@ -36,6 +38,7 @@ from augment import View, apply_pil, augment, decode, draw, normalize, pack, to_
 from data import Seeded, balanced_subset, load_image, plain_transform, probe_transforms
 from data import dataset as load_dataset
 from train import LARS
+from vit import BlockViT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(arch="resnet18", head_dim=128, projector_widths=(64, 64))
@@ -252,6 +255,87 @@ def test_trunk_loads_strictly_into_torchvision():
         assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
+# ---------------- the blockwise Vision Transformer and its masking (vit.py, §6)
+
+def small_vit(**kw):
+    torch.manual_seed(0)
+    return BlockViT(**{**dict(arch="vit_tiny", image_size=32, patch_size=8, head_dim=64, projector_widths=(32, 32)),
+                       **kw})
+
+
+def test_vit_blocks_are_torchvisions_layers_and_its_trunk_loads_back():
+    """In evaluation, Algorithm 1 on the ViT gives torchvision's VisionTransformer, stage by stage (3 encoder layers
+    each, the last LayerNorm ending stage 4); trunk_state_dict loads into it with only the classifier missing."""
+    model = small_vit(noise=0.0).eval()
+    vit = torchvision.models.VisionTransformer(32, 8, 12, 3, 192, 768).eval()
+    missing, unexpected = vit.load_state_dict(model.trunk_state_dict(), strict=False)
+    assert sorted(missing) == ["heads.head.bias", "heads.head.weight"] and unexpected == []
+    assert model.own_names(model.trunk_state_dict()).keys() == {k for k in model.state_dict()
+                                                               if not k.startswith(("heads.", "projectors."))}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outs = list(model.blockwise(x))
+        tokens = torch.cat([vit.class_token.expand(2, -1, -1), vit._process_input(x)], 1) + vit.encoder.pos_embedding
+        for k in range(4):
+            tokens = vit.encoder.layers[3 * k:3 * k + 3](tokens)
+            want = vit.encoder.ln(tokens) if k == 3 else tokens
+            assert torch.allclose(outs[k], want, atol=1e-5), k
+    assert model.stage_keys(1) == ("stem.", *(f"layers.encoder_layer_{i}." for i in range(3)))
+
+
+@pytest.mark.parametrize("blocks", ["1,2,3,4", "12,34"])
+def test_vit_block_loss_reaches_only_its_block(blocks):
+    model = small_vit(blocks=blocks).train()
+    x = torch.randn(4, 3, 32, 32)
+    for k in range(len(model.blocks)):
+        model.zero_grad(set_to_none=True)
+        model.projectors[k](model(x)[k]).pow(2).sum().backward()
+        own = block_params(model, k)
+        for p in model.parameters():
+            if id(p) in own:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"block {k + 1} parameter without gradient"
+            else:
+                assert p.grad is None or p.grad.abs().max() == 0, f"block {k + 1}'s loss leaked to another block"
+
+
+def test_a_masked_token_changes_nothing_downstream():
+    """Per-block masking (§6): block 1 drops a quarter of the 16 patches of each image (its own choice, seeded);
+    changing the pixels of a patch it dropped changes no block's output; changing a kept patch does."""
+    model = small_vit().train()
+    drop = [0.25, 0.5, 0.5, 0.75]
+    x = torch.rand(3, 3, 32, 32)
+
+    def run(images):
+        torch.manual_seed(7)
+        return [h.detach() for h in model.blockwise(images, drop)]
+    torch.manual_seed(7)
+    order = torch.rand(3, 16).argsort(1)  # drop_tokens' first draw: the patches block 1 keeps come first
+    gone, kept = order[0, 12].item(), order[0, 0].item()
+    outs = run(x)
+    for patch, same in ((gone, True), (kept, False)):
+        y = x.clone()
+        r, c = divmod(patch, 4)
+        y[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = torch.rand(3, 8, 8)
+        changed = run(y)
+        assert all(torch.equal(a, b) for a, b in zip(outs, changed)) == same, patch
+    assert [h.shape[1] for h in outs] == [1 + 12, 1 + 8, 1 + 8, 1 + 4]  # the class token and the kept patches
+    model.eval()
+    assert [h.shape[1] for h in model.blockwise(x, drop)] == [17] * 4  # evaluation never masks
+
+
+def test_token_masks_are_nested_per_image_and_keep_the_order():
+    h = torch.arange(17.0)[None, :, None].expand(4, 17, 2).clone()  # each token's value is its position
+    torch.manual_seed(0)
+    a = vit.drop_tokens(h, 0.5, 16)
+    b = vit.drop_tokens(a, 0.75, 16)
+    assert a.shape == (4, 9, 2) and b.shape == (4, 5, 2)
+    for i in range(4):
+        pa, pb = a[i, :, 0].tolist(), b[i, :, 0].tolist()
+        assert pa[0] == pb[0] == 0 and pa == sorted(pa) and set(pb) <= set(pa)
+    assert len({tuple(a[i, :, 0].tolist()) for i in range(4)}) > 1  # each image its own choice
+    assert torch.equal(vit.drop_tokens(b, 0.5, 16), b)  # a block never sees again what an earlier one dropped
+
+
 # ---------------- recomputation that changes no result (recompute.py)
 
 
@@ -400,6 +484,30 @@ def test_losses_are_fp32_under_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         for fn in (losses.barlow_twins, losses.vicreg, losses.simclr):
             assert fn(z1.bfloat16(), z2.bfloat16()).dtype == torch.float32
+
+
+def naive_standardize_weighted(z, w):
+    out = torch.empty_like(z)
+    for i in range(z.shape[1]):
+        m = sum(w[n] * z[n, i] for n in range(len(z))) / w.sum()
+        v = sum(w[n] * (z[n, i] - m) ** 2 for n in range(len(z))) / w.sum()
+        out[:, i] = (z[:, i] - m) / math.sqrt(v + 1e-5)
+    return out
+
+
+def test_weighted_barlow_twins_is_sample_duplication():
+    """App. A's routing weighs examples in Barlow Twins' batch statistics: weight 2 is the example twice, weight 0
+    is the example gone, and a naive float64 formula with weights agrees."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    w = torch.tensor([2.0, 1, 1, 0, 1, 0.5], dtype=torch.float64)
+    twice = [0, 0, 1, 2, 4]  # weights 2, 1, 1, 0, 1
+    assert math.isclose(losses.barlow_twins(z1[:5], z2[:5], 0.1, 1.0, weight=w[:5]).item(),
+                        losses.barlow_twins(z1[twice], z2[twice], 0.1, 1.0).item(), rel_tol=1e-12)
+    a, b = (naive_standardize_weighted(z, w) for z in (z1, z2))
+    c = (w[:, None] * a).T @ b / w.sum()
+    naive = (1 - c.diagonal()).pow(2).sum() + 0.1 * (c.pow(2).sum() - c.diagonal().pow(2).sum())
+    assert math.isclose(losses.barlow_twins(z1, z2, 0.1, 1.0, weight=w).item(), naive.item(), rel_tol=1e-10)
 
 
 # ---------------- the two views (augment.py)
@@ -696,7 +804,11 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
                                    ["--loss", "supervised", "--blocks", "loco"],
                                    ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
                                    ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2",
-                                    "--pooling", "cbe-l2", "--recompute", "heads"]])
+                                    "--pooling", "cbe-l2", "--recompute", "heads"],
+                                   ["--arch", "vit_tiny", "--patch-size", "8", "--blocks", "12,34", "--mask", "0.25,0.5",
+                                    "--mask-views", "both", "--optimizer", "adamw", "--pooling", "cls"],
+                                   ["--route", "below", "--epochs", "2"],
+                                   ["--mode", "sequential", "--blocks", "12,3", "--augmentations", "jitter,full"]])
 def test_every_variant_trains(tmp_path, extra):
     data = image_folder(tmp_path / "data")
     run_train(data, tmp_path / "out", "--epochs", "1", "--batch-size", "8", *extra)
@@ -822,6 +934,48 @@ def test_readme_excerpt_is_the_method():
         assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-12)
 
 
+# ---------------- App. A's difficulty-based routing (routing.py)
+
+def test_router_ranks_examples_by_difficulty_into_blocks():
+    """8 examples of difficulty 7, 6, ..., 0 and 4 blocks: the two easiest go to block 1, the two hardest to block 4.
+    'below': weight 1 at the routed block and under it, 0 above; 'weight': 1 at the routed block, w elsewhere.
+    An example never measured trains every block with weight 1; a block whose weights are all 1 gets None."""
+    below = routing.Router(10, 4, "below", 0.5, torch.device("cpu"))
+    below.record(torch.arange(8), torch.arange(8, 0, -1).float())
+    w = below.weights(torch.arange(8))
+    route = [3, 3, 2, 2, 1, 1, 0, 0]
+    assert w[0] is None and all(w[k].tolist() == [float(r >= k) for r in route] for k in (1, 2, 3))
+    weight = routing.Router(10, 4, "weight", 0.25, torch.device("cpu"))
+    weight.table.copy_(below.table)
+    w = weight.weights(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
+    assert all(w[k].tolist() == [1.0 if r == k else 0.25 for r in route] for k in range(4))
+    assert below.weights(torch.tensor([8, 9])) == [None] * 4  # never measured
+    assert routing.Router(10, 4, "weight", 1.0, torch.device("cpu")).weights(torch.arange(8)) == [None] * 4
+
+
+def test_an_example_routed_below_never_reaches_the_head_above():
+    """'below': an example of weight 0 at block k does not reach its head: its gradient there is exactly 0, and the
+    loss is the loss of the other examples."""
+    model = small_model(noise=0.0).train()
+    h1, h2 = (torch.randn(6, 512, 2, 2, requires_grad=True) for _ in range(2))
+    w = torch.tensor([0.0, 1, 1, 1, 1, 1])
+    loss = train.block_loss(model, 3, h1, h2, None, lambda z1, z2, y, w: losses.barlow_twins(z1, z2, weight=w), w)
+    loss.backward()
+    assert h1.grad[0].abs().max() == 0 and h1.grad[1:].abs().sum() > 0
+    plain = train.block_loss(model, 3, h1[1:], h2[1:], None, BT4[0])
+    assert torch.allclose(loss, plain)
+
+
+def test_routing_with_weight_one_is_the_plain_run_exactly(tmp_path):
+    data = image_folder(tmp_path / "data", per_class=4)
+    run_train(data, tmp_path / "plain", "--epochs", "2", "--batch-size", "8")
+    run_train(data, tmp_path / "routed", "--epochs", "2", "--batch-size", "8", "--route", "weight", "--route-weight",
+              "1")
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "routed")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not b["router"].isnan().any()  # every image's difficulty was measured
+
+
 # ---------------- exactness under torch.distributed (distributed.py), in real gloo processes
 
 
@@ -891,7 +1045,8 @@ def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
             assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4"], ["--frozen", "1"]])
+@pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4"], ["--frozen", "1"],
+                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]])
 def test_torchrun_two_processes_match_one_process(tmp_path, split):
     """2 gloo ranks x 4 images against one process holding the 8, for the paper's split, LoCo's overlapping units,
     merged blocks and a frozen first block. On CPU each rank's BatchNorm normalises with its own 4 images
@@ -917,7 +1072,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, split):
         sampler.set_epoch(0)
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
         torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
-        views = [model.blockwise(normalize(v)) for v in batch[0]]
+        views = [model.blockwise(normalize(v), d) for v, d in zip(batch[0], train.masks(args, n))]
         feats = [[model.heads[k](next(v)) for v in views] for k in range(n)]  # per-rank BatchNorm statistics
         halves.append(list(zip(*feats)))
     total = 0
@@ -1048,6 +1203,30 @@ def test_slurm_warning_and_hangup_save_like_sigterm(reference, tmp_path, sig):
     assert_same_run(ref, weights(out))
 
 
+@pytest.mark.parametrize("extra", [["--route", "below"], ["--mode", "sequential", "--blocks", "12,3", "--epochs", "1",
+                                                              "--augmentations", "jitter-crop,full"],
+                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]])
+def test_routed_adaptive_and_masked_runs_resume_exactly(tmp_path, extra):
+    """Routing's difficulty table (kept in the checkpoint), the switch from one block's views to the next (App. A)
+    and the ViT's token masks (drawn from the step's seed): a run stopped by SIGTERM after its first checkpoint
+    resumes bit for bit."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", *extra]
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=HERE, check=True, capture_output=True)
+    out = tmp_path / "out"
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    while p.poll() is None and not (out / "checkpoint.pth").exists():
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate()
+    assert p.returncode == 0 and "SIGTERM: saved" in stdout, stderr[-2000:]
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    a, b = weights(tmp_path / "full"), weights(out)
+    assert_same_run(a, b)
+    assert "router" not in a or torch.equal(a["router"], b["router"])
+
+
 def test_gpu_aug_run_resumes_exactly(reference, tmp_path):
     """--gpu-aug (on CPU here, the same code): killed after its first epoch, the run resumes bit for bit."""
     cmd, _ = reference
@@ -1087,7 +1266,8 @@ def test_every_flag_that_changes_the_run_is_refused_on_resume(tmp_path):
                  projector="32-32", loss="vicreg", lambd="0.1", target="0.9", scale_loss="0.5", temperature="0.5",
                  noise="0.5", mode="sequential", frozen="1", init="x.pth", augmentations="adaptive", batch_size="4",
                  lr="0.1", warmup_epochs="0.5", weight_decay="0", lars_eta="0.01", grad_scale="0.5",
-                 dataset="fake", limit="4", image_size="40", crop_scale="0.5", seed="1", bf16=None)
+                 dataset="fake", limit="4", image_size="40", crop_scale="0.5", seed="1", bf16=None, patch_size="8",
+                 mask="0.5", mask_views="both", optimizer="adamw", route="below", route_weight="0.25")
     base = [*SMALL, "--data", "d", "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8"]
     changing = [k for k in vars(train.get_args(base)) if k not in bookkeeping.RESUMABLE]
     assert sorted(changing) == sorted(other)  # a new flag must be placed: resumable, or tested here
@@ -1097,7 +1277,6 @@ def test_every_flag_that_changes_the_run_is_refused_on_resume(tmp_path):
         with pytest.raises(bookkeeping.Abort) as e:
             bookkeeping.check_resume(ckpt, train.model_config(args, 2), args, ckpt["data"], "ckpt", 1)
         assert flag in str(e.value) or f"{key} " in str(e.value) or key == "projector" and "projector" in str(e.value)
-
 
 
 def test_a_rerun_on_another_dataset_is_refused_a_moved_one_resumes(tmp_path, capsys):
@@ -1296,6 +1475,64 @@ def test_untrained_baseline_is_the_network_train_started_from(tmp_path):
     res = probe.main(probe.get_args([ckpt, "--data", data, "--workers", "0", "--batch-size", "8", "--epochs", "1",
                                      "--fast", "--device", "cpu", "--out", str(tmp_path / "p")]))
     assert res["image_size"] == 32
+
+
+# ---------------- on a GPU (skipped without one: .ci/gpu runs them)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (.ci/gpu runs these)")
+
+
+@CUDA
+def test_cuda_lean_cbe_equals_the_plain_head_in_fp32_and_bf16():
+    torch.manual_seed(0)
+    head = Pool(64, "cbe", 128).cuda().train()
+    lean = lean_copy(head)
+    x, g = torch.randn(16, 64, 8, 8, device="cuda"), torch.randn(16, 128, device="cuda")
+    for a, b in zip(run_head(head, x, g), run_head(lean, x, g)):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * a.float().abs().max().item())
+    with torch.autocast("cuda", torch.bfloat16):
+        ref, got = run_head(head, x, g), run_head(lean, x, g)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05 * a.float().abs().max().item())
+
+
+@CUDA
+def test_cuda_compiled_heads_equal_eager_ones():
+    model = small_model().cuda().train()
+    y1, y2 = torch.randn(8, 3, 32, 32, device="cuda"), torch.randn(8, 3, 32, 32, device="cuda")
+    owners = train.grad_owners(model, [0, 1, 2, 3])
+    torch.manual_seed(1)
+    eager = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], owners)
+    compiled = copy.deepcopy(model)
+    train.compile_heads(compiled)
+    torch.manual_seed(1)
+    got = train.train_step(compiled, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(compiled, [0, 1, 2, 3]))
+    assert torch.allclose(eager, got, rtol=1e-3)
+
+
+@CUDA
+def test_cuda_device_augmentation_is_the_pil_path():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).resize((64, 64), Image.BICUBIC)
+              for _ in range(16)]
+    choices = [draw(aug.BARLOW_TWINS[i % 2]) for i in range(16)]
+    got = augment(torch.stack([to_tensor(i) for i in images]).cuda(),
+                  torch.utils.data.default_collate([pack(c) for c in choices])).cpu()
+    for img, c, g in zip(images, choices, got):
+        assert (g - apply_pil(img, c).float()).abs().mean() < 2.0, c
+
+
+@CUDA
+def test_cuda_losses_equal_cpu_losses_and_checkpoints_load_on_the_cpu(tmp_path):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(32, 16), torch.randn(32, 16)
+    for fn in (losses.barlow_twins, losses.vicreg, lambda a, b: losses.simclr(a, b, 0.5)):
+        assert torch.allclose(fn(z1, z2), fn(z1.cuda(), z2.cuda()).cpu(), rtol=1e-4)
+    model = small_model().cuda()
+    bookkeeping.save_atomic(model.trunk_state_dict(), str(tmp_path / "trunk.pth"))
+    sd = torch.load(tmp_path / "trunk.pth", weights_only=True)  # no map_location: CPU tensors
+    assert all(t.device.type == "cpu" for t in sd.values())
 
 
 # ====================================================================================================
@@ -1533,6 +1770,24 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert r.returncode == 0 and weights(out)["epoch"] == 2, r.stderr[-3000:]
 
 
+def test_torchrun_restarts_a_run_whose_process_died(tmp_path):
+    """torchrun --max-restarts=1, rank 1 killed mid-run: the other rank stops, torchrun starts both again, they join
+    a fresh process group (torchrun's store is shared across restarts: each restart keys its own) and resume from
+    the last checkpoint, ending as the uninterrupted run."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    out = str(tmp_path / "out")
+    argv = ["train.py", "--data", data, *SMALL, "--batch-size", "8", "--epochs", "2", "--monitor-every", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    p = subprocess.Popen(cmd + argv + ["--out", out], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    wait_for_step(p, out)
+    os.kill(rank_pid(out, 1), signal.SIGKILL)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and "all 2 ranks hold identical weights" in stdout, stderr[-3000:]
+    assert torchrun(*argv, "--out", str(tmp_path / "ref")).returncode == 0
+    assert_same_run(weights(tmp_path / "ref"), weights(out))
+
+
 def test_batch_not_divisible_by_world_size(tmp_path):
     data = image_folder(tmp_path / "data")
     r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "7")
@@ -1560,13 +1815,12 @@ def test_probe_keeps_finished_parts_on_a_signal_and_locks_its_folder(trained, tm
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM and stderr.strip().endswith("probe.json holds the parts that were "
-                                                                              "finished"), stderr[-2000:]
+                                                                              "finished (blocks)"), stderr[-2000:]
     saved = json.load(open(tmp_path / "p" / "probe.json"))
     assert len(saved["blocks"]) == 4 and "untrained" not in saved
     (tmp_path / "file").write_text("")
     expect_one_line_error(capsys, probe_argv(ckpt, data, "--out", str(tmp_path / "file" / "p")), "not writable",
                           entry=probe)
-
 
 
 def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):

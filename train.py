@@ -8,7 +8,6 @@ The run writes DIR/checkpoint.pth every epoch (and on SIGTERM, SIGUSR1, SIGHUP o
 itself, DIR/log.jsonl (one JSON object per line), and at the end DIR/trunk.pth, a torchvision state_dict.
 """
 import argparse
-import logging
 import math
 import os
 import signal
@@ -23,11 +22,11 @@ import losses
 import recompute
 import routing
 import vit
-from augment import SET_PRESETS, SETS, TwoViews, augment, normalize, view_sets
+from augment import SET_PRESETS, SETS, augment, normalize, view_sets
 from blockwise import ARCHS, BLOCK_PRESETS, POOLINGS, parse_blocks
-from cli import (COUNT, FRACTION, NON_NEGATIVE, ODD, POSITIVE, POSITIVE_INT, SEED, STOP, Abort, Parser, clock,
-                 numbers, one_line, quiet_worker, run, start_workers, stop_on_signals, worker_died)
-from data import DATASETS, Seeded, dataset
+from cli import (COUNT, FRACTION, NON_NEGATIVE, ODD, POSITIVE, POSITIVE_INT, SEED, STOP, Abort, Parser, block_split,
+                 clock, number_list, numbers, one_line, run, start_workers, stop_on_signals, widths, worker_died)
+from data import DATASETS, dataset, training_loader
 from evaluation import monitor_sets, monitors
 
 
@@ -113,28 +112,6 @@ def get_args(argv=None):
     a("--monitor-images", type=POSITIVE_INT, default=10000, help="images in the monitors' kNN bank (from the "
       "training set) and in their held-out set (from val/ or the test split), each balanced over the classes")
     return p.parse_args(argv)
-
-
-def block_split(text):  # --blocks, checked as it is parsed
-    try:
-        parse_blocks(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
-    return text
-
-
-def widths(text):  # --projector
-    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
-        raise argparse.ArgumentTypeError(f"expected positive widths like 8192-8192-8192, not {text}")
-    return text
-
-
-def number_list(text):  # --lambd, --target
-    try:
-        numbers(text, "")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma list of numbers, not {text}") from None
-    return text
 
 
 def check_args(args, world):
@@ -249,7 +226,6 @@ def main(args):
     device = distributed.setup(args.device, args.timeout, needs_gpu=" and ".join(
         f for f, on in (("--bf16", args.bf16), ("--gpu-aug", args.gpu_aug)) if on))
     check_args(args, distributed.world())
-    configure(device)
     with bookkeeping.prepare_out(args.out):  # rank 0 holds the output folder's lock until the run ends
         fit(args, device)
 
@@ -274,7 +250,7 @@ def fit(args, device):
     if distributed.rank() == 0:
         bookkeeping.check_free_space(args.out, model)
     run.data, run.epochs = bookkeeping.fingerprint(train_set), args.epochs * len(phases)  # sequential: per block
-    start_epoch, start_step = resume(run)
+    start_epoch, start_step = bookkeeping.resume(run)
     run.loader, local = training_loader(train_set, sets, args), args.batch_size // distributed.world()
     run.steps = len(run.loader.sampler.epoch_keys(0)) // local
     if run.steps == 0:
@@ -378,8 +354,10 @@ class Progress:
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()
+            saved = os.path.join(self.args.out, "checkpoint.pth")
+            kept = f"{saved} holds the last good state" if os.path.exists(saved) else "no checkpoint was written"
             raise Abort(f"loss of block {trained[col] + 1} is {values[row, col].item()} at epoch {self.epoch + 1} "
-                        f"step {steps[row]}; stopped, {self.args.out}/checkpoint.pth holds the last good state")
+                        f"step {steps[row] + 1}; stopped, {kept}")
 
 
 def report_stop(step, failure, failed_elsewhere, epoch, path):
@@ -414,58 +392,9 @@ def finish(model, args):
         if same:
             print(same, flush=True)
         bookkeeping.save_atomic(model.trunk_state_dict(), os.path.join(args.out, "trunk.pth"))
-        print(f"done: {args.out}/checkpoint.pth, trunk (torchvision {args.arch} state_dict) in {args.out}/trunk.pth",
+        kind = "VisionTransformer" if args.arch in vit.VITS else args.arch
+        print(f"done: {args.out}/checkpoint.pth, trunk (torchvision {kind} state_dict) in {args.out}/trunk.pth",
               flush=True)
-
-
-def resume(run):
-    """Resume from checkpoint.pth when rank 0 finds one (rank 0 decides; every process then reads it, as the folder
-    is shared); else every process takes rank 0's initial weights. Returns (epoch, step) to go on from."""
-    found, = distributed.agree(distributed.rank() == 0 and os.path.exists(run.path))
-    if not found:
-        for t in run.model.state_dict().values():
-            distributed.broadcast(t, 0)
-        return 0, 0
-    ckpt = bookkeeping.load(run.path, needs=("model", "optimizer", "config", "epoch", "step"))
-    note = bookkeeping.check_resume(ckpt, run.config, run.args, run.data, run.path, run.epochs)
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if run.router:
-        run.router.table.copy_(ckpt["router"])
-    run.log(resume=dict(epoch=ckpt["epoch"], step=ckpt["step"]), **(dict(note=note) if note else {}))
-    if note and distributed.rank() == 0:  # the steps logged after this line redo those after that checkpoint
-        print(note, flush=True)
-    return ckpt["epoch"], ckpt["step"]
-
-
-class EpochKeys(torch.utils.data.Sampler):
-    """This process's share of an epoch as Seeded keys (epoch, image, view set), in a DistributedSampler's order.
-    The epoch travels with each image, so the DataLoader's workers can live for the whole run."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.keys = n, seed, []
-
-    def epoch_keys(self, epoch, start=0, end=None, views=0):
-        order = torch.utils.data.DistributedSampler(range(self.n), distributed.world(), distributed.rank(),
-                                                    shuffle=True, seed=self.seed, drop_last=True)
-        order.set_epoch(epoch)
-        return [(epoch, i, views) for i in list(order)[start:end]]
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self):
-        return len(self.keys)
-
-
-def training_loader(train_set, sets, args):
-    """The two views of every training image, each block's set of views (App. A), `--workers` processes that live
-    for the run (persistent: no fork per epoch)."""
-    data = Seeded(train_set, [TwoViews(args.image_size, views, on_device=args.gpu_aug) for views in sets], args.seed)
-    return torch.utils.data.DataLoader(data, args.batch_size // distributed.world(), sampler=EpochKeys(len(data),
-                                       args.seed), drop_last=True, num_workers=args.workers,
-                                       pin_memory=distributed.DEVICE.type == "cuda", worker_init_fn=quiet_worker,
-                                       persistent_workers=args.workers > 0)
 
 
 def routed(router, index, model):
@@ -576,19 +505,6 @@ def compile_heads(model):
     for m in [*model.heads, *model.projectors]:
         if not recompute.is_lean(m):
             m.compile()
-
-
-def configure(device):
-    """Process-wide settings. GPU: cuDNN picks each convolution's fastest algorithm once (the sizes never change);
-    fp32 matmuls use TF32, as cuDNN's convolutions already do. Inductor compiles with the node's cores shared among
-    its processes. CPU: compile's probe for a CUDA toolkit is irrelevant and silenced."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, os.cpu_count() // per_node)))
-    else:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def model_config(args, num_classes):

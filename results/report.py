@@ -1,10 +1,14 @@
-"""Rebuild the README's small-scale reproduction table and plot from the runs under results/.
+"""Rebuild the small-scale reproduction's table (in results/README.md) and plot from the runs under results/.
 
-    python results/report.py            # rewrites the table in README.md and results/accuracy_vs_depth.png
+    python results/report.py
 
-Each run is a folder results/GROUP/seedK/ holding run.json (the flags, the seed and the wall times), and
-train.py's log.jsonl and probe.py's probe.json. A run probed with --untrained also gives the "untrained"
-group its seed. Add runs by training and probing into such folders (see the README), then rerun this.
+Each run is a folder results/GROUP/seedK/ holding run.json (the flags, the seed, the wall times, the row it is
+compared with), train.py's log.jsonl and probe.py's probe.json. A run probed with --untrained also gives its
+"untrained" row (one per architecture) its seed. Add runs with results/run.py, then rerun this.
+
+The "against" column compares the last block's top-1 with the reference row's: the difference of the means, and
+"within noise" when it is under twice its standard error, sqrt(s1^2 / n1 + s2^2 / n2), where a row with one seed
+takes the largest seed-to-seed std of the rows that have several.
 """
 import glob
 import json
@@ -13,7 +17,7 @@ import os
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, "..", "README.md")
+README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- results table: begin -->", "<!-- results table: end -->"
 
 
@@ -22,16 +26,19 @@ def load_runs():
     for path in sorted(glob.glob(os.path.join(HERE, "*", "seed*", "run.json"))):
         run = json.load(open(path))
         probe = json.load(open(os.path.join(os.path.dirname(path), "probe.json")))
-        groups.setdefault(run["group"], dict(flags=run["flags"], order=run.get("order", 99), runs=[]))
-        groups[run["group"]]["runs"].append(dict(seed=run["seed"], blocks=probe["blocks"], minutes=run["minutes"]))
+        g = groups.setdefault(run["group"], dict(flags=run["flags"], order=run.get("order", 99), runs=[],
+                                                 versus=run.get("versus")))
+        g["runs"].append(dict(seed=run["seed"], blocks=probe["blocks"], minutes=run["minutes"]))
         if "untrained" in probe:
-            groups.setdefault("untrained", dict(flags="(initial weights of the blockwise runs)", order=0, runs=[]))
-            groups["untrained"]["runs"].append(dict(seed=run["seed"], blocks=probe["untrained"], minutes=None))
+            name = run.get("untrained_group", "untrained")
+            u = groups.setdefault(name, dict(flags="(initial weights of the runs above)", order=run.get(
+                "untrained_order", 0), runs=[], versus=None))
+            u["runs"].append(dict(seed=run["seed"], blocks=probe["untrained"], minutes=None))
     return dict(sorted(groups.items(), key=lambda g: g[1]["order"]))
 
 
 def by_stage(blocks, key):
-    """top-1 by the ResNet stage a block ends at (merged and LoCo runs have 3 blocks, ending at 2, 3, 4)."""
+    """top-1 by the stage a block ends at (merged and LoCo runs have 3 blocks, ending at 2, 3, 4)."""
     n = len(blocks)
     return {stage: b[key] for stage, b in zip(range(5 - n, 5), blocks)}
 
@@ -42,17 +49,34 @@ def cell(values):
     return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
+def last(group):
+    return [by_stage(r["blocks"], "top1")[4] for r in group["runs"]]
+
+
+def against(group, groups, spread):
+    """The last block's difference with the reference row, or that it is within noise (see the docstring)."""
+    ref = groups.get(group["versus"])
+    if ref is None:
+        return ""
+    a, b = last(group), last(ref)
+    se = np.sqrt(sum((np.std(v) if len(v) > 1 else spread) ** 2 / len(v) for v in (a, b)))
+    diff = np.mean(a) - np.mean(b)
+    verdict = f"{diff:+.1f}" if abs(diff) >= 2 * se else f"within noise ({diff:+.1f})"
+    return f"{verdict} vs {group['versus']}"
+
+
 def table(groups):
-    rows = ["| run | flags | seeds | block 1 | block 2 | block 3 | block 4 | 20-NN, block 4 | minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    spread = max([np.std(last(g)) for g in groups.values() if len(g["runs"]) > 1] or [0.0])
+    rows = ["| run | flags | seeds | block 1 | block 2 | block 3 | block 4 | 20-NN, block 4 | against (block 4) | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
         stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
         knn = [by_stage(r["blocks"], "knn").get(4) for r in g["runs"]]
         minutes = [r["minutes"] for r in g["runs"] if r["minutes"]]
         rows.append(f"| {name} | `{g['flags']}` | {len(g['runs'])} | " +
                     " | ".join(cell([s[k] for s in stages if k in s]) for k in (1, 2, 3, 4)) +
-                    f" | {cell([v for v in knn if v is not None])} | {cell(minutes)} |")
-    return "\n".join(rows)
+                    f" | {cell([v for v in knn if v is not None])} | {against(g, groups, spread)} | {cell(minutes)} |")
+    return "\n".join(rows), spread
 
 
 def plot(groups, path):
@@ -63,17 +87,17 @@ def plot(groups, path):
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    plt.figure(figsize=(8, 5.5))
+    plt.figure(figsize=(9, 6.5))
     for i, (name, g) in enumerate(groups.items()):
         stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
         xs = sorted(stages[0])
         ys = [np.mean([s[x] for s in stages]) for x in xs]
         plt.errorbar(xs, ys, yerr=[np.std([s[x] for s in stages]) for x in xs], marker="os^Dv"[i % 5], capsize=3,
-                     label=name, color=plt.cm.tab20(i % 20), linestyle="-" if i < 10 else "--")
+                     label=name, color=plt.cm.tab20(i % 20), linestyle=("-", "--", ":")[i // 20 % 3])
     plt.xticks([1, 2, 3, 4])
-    plt.xlabel("block (ResNet stage it ends at)")
+    plt.xlabel("block (the stage it ends at)")
     plt.ylabel("linear probe top-1 (%), Fashion-MNIST test")
-    plt.legend(fontsize=7, ncol=2)
+    plt.legend(fontsize=6, ncol=2)
     plt.grid(alpha=0.3)
     plt.tight_layout()
     plt.savefig(path, dpi=110)
@@ -81,8 +105,9 @@ def plot(groups, path):
 
 def main():
     groups = load_runs()
-    text = table(groups)
+    text, spread = table(groups)
     print(text)
+    print(f"largest seed-to-seed std of the last block: {spread:.2f}")
     readme = open(README).read()
     if BEGIN in readme and END in readme:
         head, rest = readme.split(BEGIN)

@@ -1,6 +1,6 @@
 """Train and probe one run of the small-scale reproduction (results/README.md) into results/GROUP/seedK/.
 
-    python results/run.py "blockwise: LSP" 0 --order 5 -- --pooling lsp --noise 0
+    python results/run.py "blockwise: LSP" 0 --order 5 --versus "blockwise: 1x1 CbE, no noise" -- --pooling lsp --noise 0
     python results/report.py          # then rebuild the table and the plot
 
 The run trains with the protocol flags below plus the flags after `--`, then probes every block (--fast: the
@@ -37,8 +37,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("group", help="the table's row, e.g. 'blockwise: LSP'")
     p.add_argument("seed", type=int)
-    p.add_argument("--order", type=int, default=99, help="the row's place in the table")
-    p.add_argument("--untrained", action="store_true", help="also probe the untrained network (the 'untrained' row)")
+    p.add_argument("--order", type=float, default=99, help="the row's place in the table")
+    p.add_argument("--versus", help="the row this one is compared with (report.py's 'against' column)")
+    p.add_argument("--untrained", default="", help="also probe the untrained network, for this row (e.g. 'untrained')")
+    p.add_argument("--untrained-order", type=float, default=0, help="that row's place in the table")
     p.add_argument("--protocol", default=" ".join(PROTOCOL), help="the protocol's training flags")
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -50,7 +52,8 @@ def main(argv=None):
     t1 = time.time()
     subprocess.run([sys.executable, "probe.py", os.path.join(out, "checkpoint.pth"), *PROBE,
                     *(["--untrained"] if args.untrained else [])], cwd=ROOT, check=True)
-    run = dict(group=args.group, order=args.order, seed=args.seed, flags=" ".join(flags),
+    run = dict(group=args.group, order=args.order, seed=args.seed, flags=" ".join(flags), versus=args.versus,
+               **(dict(untrained_group=args.untrained, untrained_order=args.untrained_order) if args.untrained else {}),
                minutes=round((time.time() - t0) / 60, 1), train_s=round(t1 - t0), probe_s=round(time.time() - t1))
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(run, f)
