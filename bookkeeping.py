@@ -230,7 +230,8 @@ def check_resume(ckpt, config, args, data, path, total_epochs):
 
 def resume(run):
     """Resume from checkpoint.pth when rank 0 finds one (rank 0 decides; every process then reads it, as the folder
-    is shared); else every process takes rank 0's initial weights. Returns (epoch, step) to go on from."""
+    is shared); else every process takes rank 0's initial weights. `run`: train.py's (path, model, optimizer, router,
+    config, args, data, epochs, log). Returns (epoch, step) to go on from."""
     found, = distributed.agree(distributed.rank() == 0 and os.path.exists(run.path))
     if not found:
         for t in run.model.state_dict().values():

@@ -47,7 +47,8 @@ def knn(train_f, train_y, test_f, test_y, k, classes, temperature=1.0):
     correct = 0
     for i in range(0, len(test_f), 1024):
         sim, idx = (test_f[i:i + 1024] @ train_f.T).topk(min(k, len(train_f)), dim=1)
-        votes = torch.zeros(len(idx), classes, device=sim.device).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(len(idx), classes, device=sim.device).scatter_add_(1, train_y[idx], weights)
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum()
     return 100 * float(correct) / len(test_f)
 

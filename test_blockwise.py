@@ -599,7 +599,8 @@ def test_device_augmentation_is_the_pil_path_batched_per_image():
     choices = [dict(dict(flip=False, jitter=None, gray=False, sigma=None, solarize=False), **c) for c in cases]
     images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).resize((64, 64), Image.BICUBIC)
               for _ in choices]  # smooth, and each its own
-    got = augment(torch.stack([to_tensor(i) for i in images]), torch.utils.data.default_collate([pack(c) for c in choices]))
+    packed = torch.utils.data.default_collate([pack(c) for c in choices])
+    got = augment(torch.stack([to_tensor(i) for i in images]), packed)
     for img, c, g in zip(images, choices, got):
         assert (g - apply_pil(img, c).float()).abs().mean() < 2.0, c
 
@@ -612,7 +613,8 @@ def test_device_augmentation_draws_the_cpu_paths_views(tmp_path):
     cpu, gpu = (Seeded(ds, aug.TwoViews(32, on_device=d), seed=0) for d in (False, True))
     for i in range(len(ds)):
         for want, (crop, p) in zip(cpu[i][0], gpu[i][0]):
-            assert crop.dtype == torch.uint8 and (augment(crop[None], {k: v[None] for k, v in p.items()})[0] - want).abs().mean() < 5.0
+            one = augment(crop[None], {k: v[None] for k, v in p.items()})[0]
+            assert crop.dtype == torch.uint8 and (one - want).abs().mean() < 5.0
 
 
 def test_two_views_decode_a_jpeg_once_at_the_scale_its_crops_allow(tmp_path):
@@ -805,8 +807,8 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
                                    ["--mode", "sequential", "--blocks", "12,3", "--recompute", "all"],
                                    ["--lambd", "0.1,0.01", "--target", "0.6,1", "--blocks", "1,2",
                                     "--pooling", "cbe-l2", "--recompute", "heads"],
-                                   ["--arch", "vit_tiny", "--patch-size", "8", "--blocks", "12,34", "--mask", "0.25,0.5",
-                                    "--mask-views", "both", "--optimizer", "adamw", "--pooling", "cls"],
+                                   ["--arch", "vit_tiny", "--patch-size", "8", "--blocks", "12,34", "--mask",
+                                    "0.25,0.5", "--mask-views", "both", "--optimizer", "adamw", "--pooling", "cls"],
                                    ["--route", "below", "--epochs", "2"],
                                    ["--mode", "sequential", "--blocks", "12,3", "--augmentations", "jitter,full"]])
 def test_every_variant_trains(tmp_path, extra):
@@ -1157,7 +1159,8 @@ def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
     if moment == "mid-epoch":
         wait_for_step(p, out)
-    while p.poll() is None and moment in files and not (out.exists() and fnmatch.filter(os.listdir(out), files[moment])):
+    while p.poll() is None and moment in files and not (out.exists() and fnmatch.filter(os.listdir(out),
+                                                                                       files[moment])):
         pass  # busy-wait: a checkpoint write lasts only milliseconds
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
@@ -1622,7 +1625,8 @@ def test_gpu_only_options_without_a_gpu_are_one_line(tmp_path, capsys):
 def test_one_run_per_output_folder(tmp_path, capsys):
     data = image_folder(tmp_path / "data")
     os.makedirs(tmp_path / "out")
-    code = f"import bookkeeping, sys; lock = bookkeeping.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); sys.stdin.read()"
+    code = (f"import bookkeeping, sys; lock = bookkeeping.FolderLock({str(tmp_path / 'out')!r}); print(flush=True); "
+            "sys.stdin.read()")
     other = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     other.stdout.readline()  # another run holds the folder
     argv = [*SMALL, "--data", data, "--out", str(tmp_path / "out")]

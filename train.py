@@ -227,54 +227,61 @@ def main(args):
         f for f, on in (("--bf16", args.bf16), ("--gpu-aug", args.gpu_aug)) if on))
     check_args(args, distributed.world())
     with bookkeeping.prepare_out(args.out):  # rank 0 holds the output folder's lock until the run ends
-        fit(args, device)
+        fit(prepare(args, device))
 
 
-def fit(args, device):
-    """The run: data, model, resume, then the epochs (saving each, and the monitors); at the end, trunk.pth."""
+def prepare(args, device):
+    """Everything a run needs, in a namespace: data, model, loss per block, optimizer, resume point."""
     run = types.SimpleNamespace(args=args, log=bookkeeping.Log(args.out), path=os.path.join(args.out, "checkpoint.pth"))
     stop_on_signals()  # from here on, a stop signal saves (at the first step, if it comes during the set-up)
     run.log(env=bookkeeping.environment())
-    train_set = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
-    run.config = model_config(args, train_set.num_classes)
+    run.train_set = dataset(args.dataset, args.data, train=True, limit=args.limit, seed=args.seed)
+    run.config = model_config(args, run.train_set.num_classes)
     run.model = model = build(run.config, args, device)
     run.synced_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    phases, sets = training_phases(args, len(model.blocks)), view_sets(args.augmentations, len(model.blocks),
-                                                                         args.crop_scale)
-    if len(set(sets)) > 1 and args.mode != "sequential":
+    n = len(model.blocks)
+    run.phases, run.sets = training_phases(args, n), view_sets(args.augmentations, n, args.crop_scale)
+    if len(set(run.sets)) > 1 and args.mode != "sequential":
         raise Abort(f"--augmentations {args.augmentations}: one set per block needs --mode sequential (App. A)")
-    run.loss_fns, run.drops = loss_functions(args, len(model.blocks)), masks(args, len(model.blocks))
-    run.optimizer = optimizer(model, args)
-    run.router = routing.Router(len(train_set), len(model.blocks), args.route, args.route_weight, device) \
+    run.loss_fns, run.drops, run.optimizer = loss_functions(args, n), masks(args, n), optimizer(model, args)
+    run.router = routing.Router(len(run.train_set), n, args.route, args.route_weight, device) \
         if args.route != "none" else None
     if distributed.rank() == 0:
         bookkeeping.check_free_space(args.out, model)
-    run.data, run.epochs = bookkeeping.fingerprint(train_set), args.epochs * len(phases)  # sequential: per block
-    start_epoch, start_step = bookkeeping.resume(run)
-    run.loader, local = training_loader(train_set, sets, args), args.batch_size // distributed.world()
-    run.steps = len(run.loader.sampler.epoch_keys(0)) // local
+    run.data = bookkeeping.fingerprint(run.train_set)
+    run.epochs = args.epochs * len(run.phases)  # sequential: --epochs per block
+    run.start = bookkeeping.resume(run)
+    run.loader, run.local = training_loader(run.train_set, run.sets, args), args.batch_size // distributed.world()
+    run.steps = len(run.loader.sampler.epoch_keys(0)) // run.local
     if run.steps == 0:
-        raise Abort(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
-    monitored = monitor_sets(args.data, args.dataset, args.monitor_images, args.image_size, args.seed) \
+        raise Abort(f"--batch-size {args.batch_size} is larger than the {len(run.train_set)} training images")
+    run.monitored = monitor_sets(args.data, args.dataset, args.monitor_images, args.image_size, args.seed) \
         if args.monitor_every else None
+    return run
+
+
+def fit(run):
+    """The epochs (each saved, then monitored), from where the run stopped; at the end, trunk.pth."""
+    args, (start_epoch, start_step) = run.args, run.start
     if distributed.rank() == 0:
-        print(f"{args.arch}, blocks {model.blocks}, {args.mode}, {args.loss}, {args.pooling}; {len(train_set)} images, "
-              f"{distributed.world()} process(es) on {device}, {run.steps} steps/epoch, epochs "
-              f"{start_epoch}->{run.epochs}", flush=True)
+        print(f"{args.arch}, blocks {run.model.blocks}, {args.mode}, {args.loss}, {args.pooling}; "
+              f"{len(run.train_set)} images, {distributed.world()} process(es) on {distributed.DEVICE}, {run.steps} "
+              f"steps/epoch, epochs {start_epoch}->{run.epochs}", flush=True)
     for epoch in range(start_epoch, run.epochs):
-        trained = phases[epoch // args.epochs]
+        trained = run.phases[epoch // args.epochs]
         first = start_step if epoch == start_epoch else 0
-        run.loader.sampler.keys = run.loader.sampler.epoch_keys(epoch, first * local, run.steps * local, trained[0])
+        run.loader.sampler.keys = run.loader.sampler.epoch_keys(epoch, first * run.local, run.steps * run.local,
+                                                                trained[0])  # this block's set of views (App. A)
         stopped = train_one_epoch(run, trained, epoch, first)
         if distributed.rank() == 0:  # every epoch, and when a signal or a failure stopped one
             done = (epoch, stopped[0]) if stopped else (epoch + 1, 0)
-            bookkeeping.save_checkpoint(run.path, model, run.optimizer, *done, run.config, args, run.data,
+            bookkeeping.save_checkpoint(run.path, run.model, run.optimizer, *done, run.config, args, run.data,
                                         **(dict(router=run.router.table) if run.router else {}))
         if stopped:
             return report_stop(*stopped, epoch, run.path)
-        if monitored and (epoch + 1) % args.monitor_every == 0:
-            log_monitors(epoch, model, monitored, train_set.num_classes, args, run.log)
-    finish(model, args)
+        if run.monitored and (epoch + 1) % args.monitor_every == 0:
+            log_monitors(epoch, run.model, run.monitored, run.train_set.num_classes, args, run.log)
+    finish(run.model, args)
 
 
 def train_one_epoch(run, trained, epoch, first):
@@ -286,7 +293,6 @@ def train_one_epoch(run, trained, epoch, first):
     device, fmt = distributed.DEVICE, torch.channels_last if args.channels_last else torch.contiguous_format
     set_trainable(model, trained)
     owners, progress, batches = grad_owners(model, trained), Progress(epoch, first, run), start_workers(run.loader)
-    local = args.batch_size // distributed.world()
     for i in range(first, run.steps):
         batch, failure = fetch(batches)
         signalled, failed = distributed.agree(STOP, failure is not None)
@@ -300,9 +306,9 @@ def train_one_epoch(run, trained, epoch, first):
         set_lr(optimizer, (epoch % args.epochs) * run.steps + i, run.steps, args)  # sequential: each block's own
         torch.manual_seed(step_seed(args.seed, distributed.rank(), epoch, i))  # the noise of §5, resumable
         optimizer.zero_grad(set_to_none=True)  # frozen blocks keep grad None, so LARS skips them
-        route = run.router and torch.tensor([k[1] for k in run.loader.sampler.keys[(i - first) * local:][:local]])
+        routes = routed(run, i - first) if run.router else ()  # App. A: sample weights per block, and difficulties
         block_losses = train_step(model, y1, y2, labels.to(device, non_blocking=True), run.loss_fns, trained, owners,
-                                  args.bf16, run.drops, *(routed(run.router, route, model) if run.router else ()))
+                                  args.bf16, run.drops, *routes)
         scale_grads(model, args.grad_scale)
         optimizer.step()
         if not run.synced_bn:  # SyncBatchNorm keeps the statistics equal; plain BatchNorm (CPU) needs rank 0's
@@ -397,11 +403,13 @@ def finish(model, args):
               flush=True)
 
 
-def routed(router, index, model):
-    """train_step's `weights` and `measure` for App. A's routing: this batch's sample weights per block, and the
-    recording of its difficulties."""
-    index = index.to(router.table.device)
-    return router.weights(index), lambda h1, h2: router.record(index, routing.difficulty(h1, h2, model.pool_trunk))
+def routed(run, j):
+    """train_step's `weights` and `measure` for App. A's routing, for the j-th batch of this epoch's keys: its sample
+    weights per block, and the recording of its difficulties."""
+    keys = run.loader.sampler.keys[j * run.local:(j + 1) * run.local]
+    index = torch.tensor([key[1] for key in keys], device=run.router.table.device)
+    record = lambda h1, h2: run.router.record(index, routing.difficulty(h1, h2, run.model.pool_trunk))  # noqa: E731
+    return run.router.weights(index), record
 
 
 def optimizer(model, args):

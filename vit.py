@@ -79,7 +79,8 @@ class BlockViT(Blockwise):
         if image_size % patch_size:
             raise ValueError(f"--patch-size {patch_size} must divide --image-size {image_size}")
         width, heads = VITS[arch]
-        vit = torchvision.models.VisionTransformer(image_size, patch_size, 4 * LAYERS_PER_STAGE, heads, width, 4 * width)
+        layers = 4 * LAYERS_PER_STAGE
+        vit = torchvision.models.VisionTransformer(image_size, patch_size, layers, heads, width, 4 * width)
         self.stem, self.layers, self.ln = Stem(vit), vit.encoder.layers, vit.encoder.ln
         self.patches = (image_size // patch_size) ** 2
         self.blocks, self.noise = parse_blocks(blocks), noise

@@ -67,8 +67,8 @@ def against(group, groups, spread):
 
 def table(groups):
     spread = max([np.std(last(g)) for g in groups.values() if len(g["runs"]) > 1] or [0.0])
-    rows = ["| run | flags | seeds | block 1 | block 2 | block 3 | block 4 | 20-NN, block 4 | against (block 4) | minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| run | flags | seeds | block 1 | block 2 | block 3 | block 4 | 20-NN, block 4 | against (block 4) "
+            "| minutes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
         stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
         knn = [by_stage(r["blocks"], "knn").get(4) for r in g["runs"]]

@@ -1,6 +1,7 @@
 """Train and probe one run of the small-scale reproduction (results/README.md) into results/GROUP/seedK/.
 
-    python results/run.py "blockwise: LSP" 0 --order 5 --versus "blockwise: 1x1 CbE, no noise" -- --pooling lsp --noise 0
+    python results/run.py "blockwise: LSP" 0 --order 5 --versus "blockwise: 1x1 CbE, no noise" -- \
+        --pooling lsp --noise 0
     python results/report.py          # then rebuild the table and the plot
 
 The run trains with the protocol flags below plus the flags after `--`, then probes every block (--fast: the
