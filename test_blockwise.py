@@ -33,6 +33,7 @@ import vit
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
 import augment as aug
 import bookkeeping
+import distributed
 import evaluation
 from augment import View, apply_pil, augment, decode, draw, normalize, pack, to_tensor
 from data import Seeded, balanced_subset, load_image, plain_transform, probe_transforms
@@ -532,6 +533,10 @@ def test_view_choices_follow_the_table():
         assert len(orders) == 24  # every order of the four colour operations
         sigmas = [d["sigma"] for d in draws if d["sigma"] is not None]
         assert 0.1 <= min(sigmas) < 0.12 and 1.98 < max(sigmas) <= 2.0
+    other = [draw(View(brightness=0.1, contrast=0.3, saturation=0.2, hue=0.05)) for _ in range(2000)]
+    jit = np.array([d["jitter"][1:] for d in other if d["jitter"]])  # each strength reaches its own factor
+    for k, (lo, hi) in enumerate([(0.9, 1.1), (0.7, 1.3), (0.8, 1.2), (-0.05, 0.05)]):
+        assert lo <= jit[:, k].min() < lo + 0.01 and hi - 0.01 < jit[:, k].max() <= hi
 
 
 def test_the_table_is_barlow_twins_and_the_readme_shows_it():
@@ -1048,7 +1053,8 @@ def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4"], ["--frozen", "1"],
-                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]])
+                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]],
+                         ids=["paper", "loco", "merged", "frozen", "vit-masked"])
 def test_torchrun_two_processes_match_one_process(tmp_path, split):
     """2 gloo ranks x 4 images against one process holding the 8, for the paper's split, LoCo's overlapping units,
     merged blocks and a frozen first block. On CPU each rank's BatchNorm normalises with its own 4 images
@@ -1095,6 +1101,37 @@ def test_torchrun_two_processes_match_one_process(tmp_path, split):
     final = probe.load_frozen(str(out / "checkpoint.pth"), probe.get_args(["x"]), torch.device("cpu"))[0]
     found = evaluation.monitors(final, evaluation.monitor_sets(data, "folder", args.monitor_images, 32, 0), 2, 8, 0)
     assert np.allclose(found["knn"], logged["knn"]) and np.allclose(found["rankme"], logged["rankme"], rtol=1e-4)
+
+
+def test_collectives_take_their_tensor_to_the_group_device_and_back(monkeypatch):
+    """The NCCL group serves its device only, the CONTROL group the host: a tensor made elsewhere is copied to the
+    group's device, reduced there, and copied back in place. Here the group's device is cpu:0, which .to() copies
+    to; the collective is a recording one (the function under test takes it as an argument)."""
+    seen = []
+
+    def collective(t, group=None, **kw):
+        seen.append(t)
+        t.add_(1)
+    monkeypatch.setattr(distributed, "DEVICE", torch.device("cpu", 0))
+    monkeypatch.setattr(distributed, "CONTROL", object())
+    t = torch.zeros(3)
+    distributed._on_group_device(collective, t, group=distributed.CONTROL)
+    assert seen[-1] is t and t.tolist() == [1, 1, 1]  # the host's group: reduced where it is
+    t = torch.zeros(3)
+    distributed._on_group_device(collective, t)
+    assert seen[-1] is not t and t.tolist() == [1, 1, 1]  # copied there, reduced, copied back
+
+
+def test_checkpoints_are_moved_to_the_host():
+    """bookkeeping.to_cpu calls .cpu() on every tensor of a nested checkpoint (on a GPU: a CUDA tensor's copy)."""
+    calls = []
+
+    class Watched(torch.Tensor):
+        def cpu(self, *args, **kwargs):
+            calls.append(1)
+            return super().cpu(*args, **kwargs)
+    out = bookkeeping.to_cpu({"a": [torch.ones(2).as_subclass(Watched), 3], "b": {"c": torch.zeros(1)}})
+    assert calls == [1] and out["a"][1] == 3 and torch.equal(out["b"]["c"], torch.zeros(1))
 
 
 def test_one_process_under_torchrun_takes_the_distributed_path(tmp_path):
@@ -1436,6 +1473,22 @@ def test_monitors_compare_held_out_images_with_a_training_bank_without_augmentat
     f = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     p = torch.tensor([0.75, 0.25]) + 1e-7
     assert math.isclose(evaluation.rankme(f), math.exp(-(p * p.log()).sum().item()), rel_tol=1e-6)
+
+
+def test_monitors_use_20_neighbours_and_knn_weighs_votes_by_temperature(monkeypatch):
+    """The monitors' kNN takes the documented k = 20 (their bank here has 30 images, so k matters); and the vote
+    weight exp(cos / T): one neighbour of class 0 at cosine 0.9 against two of class 1 at 0.5 wins at T = 0.1, not at
+    T = 1 (DINO's 0.07 against our 1)."""
+    ks, g = [], torch.Generator().manual_seed(0)
+    monkeypatch.setattr(evaluation, "features", lambda *a: ([torch.randn(30, 4, generator=g)], torch.arange(30) % 2))
+    monkeypatch.setattr(evaluation, "knn", lambda *a, **kw: ks.append(a[4]) or 0.0)
+    evaluation.monitors(small_model(blocks="1234").eval(), (None, None), 2, 8, 0)
+    assert ks == [20]
+    monkeypatch.undo()
+    q, y = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([0, 1, 1])
+    bank = torch.tensor([[0.9, math.sqrt(1 - 0.81), 0.0], [0.5, 0.0, math.sqrt(0.75)], [0.5, 0.0, -math.sqrt(0.75)]])
+    assert evaluation.knn(bank, y, q, torch.tensor([1]), 3, 2, temperature=1.0) == 100.0
+    assert evaluation.knn(bank, y, q, torch.tensor([0]), 3, 2, temperature=0.1) == 100.0
 
 
 def test_fast_probe_standardises_with_training_features_only(trained, tmp_path):
