@@ -126,17 +126,19 @@ def quiet_worker(_):
 
 
 def start_workers(loader):
-    """iter(loader), whose workers are born with the stop signals blocked, so that a signal sent while they start
-    is not lost to them before quiet_worker runs; the main process gets its own copy right after. A worker that
-    dies is then noticed where the next batch is fetched (torch checks every 5 s), never in the middle of a step:
-    torch's SIGCHLD handler would raise in whatever line the main process is running, an optimizer step included."""
+    """The loader's batches, its workers started at the first next(): a worker that died since the last epoch
+    (persistent workers) then fails that next(), where any fetch failure is handled. Workers are born with the stop
+    signals blocked, so that a signal sent while they start is not lost to them before quiet_worker runs; the main
+    process gets its own copy right after. A worker that dies later is noticed where the next batch is fetched
+    (torch checks every 5 s), never in the middle of a step: torch's SIGCHLD handler would raise in whatever line
+    the main process is running, an optimizer step included."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         batches = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    return batches
+    yield from batches
 
 
 def worker_died(e):

@@ -1731,19 +1731,24 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys
     assert kept["epoch"] == 1 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
 
 
-def test_a_killed_data_loading_worker_saves_then_says_why(tmp_path):
-    """A worker killed (the out-of-memory killer's SIGKILL) in the middle of an epoch: the steps done are saved, one
-    line names the likely cause, exit 2; the rerun resumes from there and finishes."""
+@pytest.mark.parametrize("moment", ["mid-epoch", "between epochs"])
+def test_a_killed_data_loading_worker_saves_then_says_why(tmp_path, moment):
+    """A worker killed (the out-of-memory killer's SIGKILL) in the middle of an epoch, or after one (the workers
+    persist, and the next epoch finds it dead when it starts them): the steps done are saved, one line names the
+    likely cause, exit 2; the rerun resumes from there and finishes."""
     data = image_folder(tmp_path / "data", per_class=16)
     cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", "--workers", "2",
            "--out", str(tmp_path / "out")]
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(p, tmp_path / "out")
+    while moment == "between epochs" and p.poll() is None and not (tmp_path / "out" / "checkpoint.pth").exists():
+        time.sleep(0.01)
     os.kill(child_pids(p.pid)[0], signal.SIGKILL)
     stdout, stderr = p.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "a data-loading worker died" in lines[0], stderr[-2000:]
-    assert "--workers" in lines[0] and "saved" in lines[0] and weights(tmp_path / "out")["step"] > 0
+    saved = weights(tmp_path / "out")
+    assert "--workers" in lines[0] and "saved" in lines[0] and (saved["epoch"], saved["step"]) > (0, 0)
     subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
     assert weights(tmp_path / "out")["epoch"] == 2
 
