@@ -332,6 +332,7 @@ class Progress:
 
     def __init__(self, epoch, first, run):
         self.epoch, self.first, self.steps, self.args, self.epochs = epoch, first, run.steps, run.args, run.epochs
+        self.path = run.path
         self.t0 = self.shown = time.time()
         self.window, self.seen = [], 0
 
@@ -360,8 +361,8 @@ class Progress:
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             row, col = bad[0].tolist()
-            saved = os.path.join(self.args.out, "checkpoint.pth")
-            kept = f"{saved} holds the last good state" if os.path.exists(saved) else "no checkpoint was written"
+            kept = f"{self.path} holds the last good state" if os.path.exists(self.path) else \
+                "no checkpoint was written"
             raise Abort(f"loss of block {trained[col] + 1} is {values[row, col].item()} at epoch {self.epoch + 1} "
                         f"step {steps[row] + 1}; stopped, {kept}")
 
