@@ -13,6 +13,7 @@ takes the largest seed-to-seed std of the rows that have several.
 import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def load_runs():
         probe = json.load(open(os.path.join(os.path.dirname(path), "probe.json")))
         g = groups.setdefault(run["group"], dict(flags=run["flags"], order=run.get("order", 99), runs=[],
                                                  versus=run.get("versus")))
-        g["runs"].append(dict(seed=run["seed"], blocks=probe["blocks"], minutes=run["minutes"]))
+        g["runs"].append(dict(seed=run["seed"], blocks=probe["blocks"], minutes=run["minutes"], flags=run["flags"]))
         if "untrained" in probe:
             name = run.get("untrained_group", "untrained")
             u = groups.setdefault(name, dict(flags="(initial weights of the runs above)", order=run.get(
@@ -37,10 +38,12 @@ def load_runs():
     return dict(sorted(groups.items(), key=lambda g: g[1]["order"]))
 
 
-def by_stage(blocks, key):
-    """top-1 by the stage a block ends at (merged and LoCo runs have 3 blocks, ending at 2, 3, 4)."""
-    n = len(blocks)
-    return {stage: b[key] for stage, b in zip(range(5 - n, 5), blocks)}
+def by_stage(run, key):
+    """top-1 by the stage a block ends at: `--blocks 1,234` ends at 1 and 4; merged and LoCo runs have 3 blocks,
+    ending at 2, 3, 4."""
+    blocks, split = run["blocks"], re.search(r"--blocks ([\d,]+)(?:\s|$)", run.get("flags", ""))
+    ends = [int(part[-1]) for part in split.group(1).split(",")] if split else range(5 - len(blocks), 5)
+    return {stage: b[key] for stage, b in zip(ends, blocks)}
 
 
 def cell(values):
@@ -50,7 +53,7 @@ def cell(values):
 
 
 def last(group):
-    return [by_stage(r["blocks"], "top1")[4] for r in group["runs"]]
+    return [by_stage(r, "top1")[4] for r in group["runs"]]
 
 
 def against(group, groups, spread):
@@ -70,8 +73,8 @@ def table(groups):
     rows = ["| run | flags | seeds | block 1 | block 2 | block 3 | block 4 | 20-NN, block 4 | against (block 4) "
             "| minutes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, g in groups.items():
-        stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
-        knn = [by_stage(r["blocks"], "knn").get(4) for r in g["runs"]]
+        stages = [by_stage(r, "top1") for r in g["runs"]]
+        knn = [by_stage(r, "knn").get(4) for r in g["runs"]]
         minutes = [r["minutes"] for r in g["runs"] if r["minutes"]]
         rows.append(f"| {name} | `{g['flags']}` | {len(g['runs'])} | " +
                     " | ".join(cell([s[k] for s in stages if k in s]) for k in (1, 2, 3, 4)) +
@@ -89,7 +92,7 @@ def plot(groups, path):
         return
     plt.figure(figsize=(9, 6.5))
     for i, (name, g) in enumerate(groups.items()):
-        stages = [by_stage(r["blocks"], "top1") for r in g["runs"]]
+        stages = [by_stage(r, "top1") for r in g["runs"]]
         xs = sorted(stages[0])
         ys = [np.mean([s[x] for s in stages]) for x in xs]
         plt.errorbar(xs, ys, yerr=[np.std([s[x] for s in stages]) for x in xs], marker="os^Dv"[i % 5], capsize=3,
