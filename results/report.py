@@ -13,11 +13,14 @@ takes the largest seed-to-seed std of the rows that have several.
 import glob
 import json
 import os
-import re
+import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from blockwise import parse_blocks  # noqa: E402  (the --blocks grammar, written once)
+
 README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- results table: begin -->", "<!-- results table: end -->"
 
@@ -34,16 +37,16 @@ def load_runs():
             name = run.get("untrained_group", "untrained")
             u = groups.setdefault(name, dict(flags="(initial weights of the runs above)", order=run.get(
                 "untrained_order", 0), runs=[], versus=None))
-            u["runs"].append(dict(seed=run["seed"], blocks=probe["untrained"], minutes=None))
+            u["runs"].append(dict(seed=run["seed"], blocks=probe["untrained"], minutes=None, flags=run["flags"]))
     return dict(sorted(groups.items(), key=lambda g: g[1]["order"]))
 
 
 def by_stage(run, key):
-    """top-1 by the stage a block ends at: `--blocks 1,234` ends at 1 and 4; merged and LoCo runs have 3 blocks,
-    ending at 2, 3, 4."""
-    blocks, split = run["blocks"], re.search(r"--blocks ([\d,]+)(?:\s|$)", run.get("flags", ""))
-    ends = [int(part[-1]) for part in split.group(1).split(",")] if split else range(5 - len(blocks), 5)
-    return {stage: b[key] for stage, b in zip(ends, blocks)}
+    """A metric by the stage each block ends at, read from the run's --blocks: `1,234` ends at 1 and 4; merged
+    and LoCo runs have 3 blocks, ending at 2, 3, 4."""
+    flags = run["flags"].split()
+    spec = flags[flags.index("--blocks") + 1] if "--blocks" in flags else "paper"
+    return {block[-1]: b[key] for block, b in zip(parse_blocks(spec), run["blocks"])}
 
 
 def cell(values):
