@@ -20,6 +20,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from blockwise import parse_blocks  # noqa: E402  (the --blocks grammar, written once)
+from train import get_args  # noqa: E402  (train.py's own flag parser reads each run's flags)
 
 README = os.path.join(HERE, "README.md")
 BEGIN, END = "<!-- results table: begin -->", "<!-- results table: end -->"
@@ -44,9 +45,8 @@ def load_runs():
 def by_stage(run, key):
     """A metric by the stage each block ends at, read from the run's --blocks: `1,234` ends at 1 and 4; merged
     and LoCo runs have 3 blocks, ending at 2, 3, 4."""
-    flags = run["flags"].split()
-    spec = flags[flags.index("--blocks") + 1] if "--blocks" in flags else "paper"
-    return {block[-1]: b[key] for block, b in zip(parse_blocks(spec), run["blocks"])}
+    blocks = parse_blocks(get_args(run["flags"].split()).blocks)
+    return {block[-1]: b[key] for block, b in zip(blocks, run["blocks"])}
 
 
 def cell(values):
