@@ -227,3 +227,15 @@ def augment(x, c):
 def host_to(t, device):
     """A small host tensor to `device` without waiting: a copy from pageable memory would wait for the GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def to_device(batch, device, gpu_aug=False, channels_last=False):
+    """A batch's two views on the device, normalised (the rest of the augmentations here with
+    --gpu-aug: the workers only cropped, augment.py), and its labels."""
+    (v1, v2), labels = batch
+    if gpu_aug:
+        v1, v2 = (augment(crops.to(device, non_blocking=True), c) for crops, c in (v1, v2))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y1, y2 = (normalize(v.to(device, non_blocking=True)).to(torch.get_default_dtype())
+              .contiguous(memory_format=fmt) for v in (v1, v2))
+    return y1, y2, labels.to(device, non_blocking=True)

@@ -112,8 +112,8 @@ def setup(args, schedule, opt):
               for _ in range(2))
     bf16, loss_fns = opt.get("bf16", False), [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * len(model.blocks)
     optimizer = train.LARS(model.parameters(), lr=0.1)
-    active = list(range(len(model.blocks)))
-    owners = train.grad_owners(model, active)
+    owners = train.grad_owners(model, list(range(len(model.blocks))))
+    block_loss = train.head_losses(model, loss_fns)
 
     def released():  # the authors' order: all forwards, then one backward per block (Algorithm 1)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -127,7 +127,7 @@ def setup(args, schedule, opt):
         if schedule == "released":
             released()
         else:  # e2e is train.py's step with a single block
-            train.train_step(model, y1, y2, None, loss_fns, active, owners, bf16)
+            train.train_step(model, y1, y2, None, block_loss, owners, bf16)
         optimizer.step()
     return model, step, device
 
@@ -150,7 +150,7 @@ def worker(args, name):
         flops["model"] = count_flops(step)
         recompute.apply(model, opt["recompute"])
     if opt.get("compile"):
-        train.compile_heads(model)
+        recompute.compile_heads(model)
     if args.worker_memory:  # CPU: two steps (the first creates LARS's momentum), then the peak RSS
         step()
         step()

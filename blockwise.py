@@ -33,12 +33,13 @@ def parse_blocks(spec):
     return blocks
 
 
-def add_noise(x, sigma, training):
+def add_noise(x, sigma, training, generator=None):
     """§5: x + sigma * std(x) * N(0, 1), one std over the whole tensor, independent noise per
-    feature, training only (the released run's noise type "all"; gradients flow through its std too)."""
+    feature, training only (the released run's noise type "all"; gradients flow through its std too).
+    `generator`: where N(0, 1) is drawn from (None: torch's global one)."""
     if not training or sigma == 0:
         return x
-    return x + sigma * x.std() * torch.randn_like(x)
+    return x + sigma * x.std() * torch.empty_like(x).normal_(generator=generator)
 
 
 def lsp_grid(bins):
@@ -105,25 +106,41 @@ class Blockwise(nn.Module):
     `noise`, `heads[k]` and `projectors[k]` (block k's), and gives `units(s)`, what stage s runs, and
     `stage_modules(s)`, what it trains."""
 
-    def blockwise(self, x, drop=None):
+    mask = None  # vit.py (§6): each view's per-block fractions of patch tokens not seen, or None
+    seed = None  # the step's seed of the noise (and masks): drawn per block and view; None: global RNG
+    first, last = 0, None  # the blocks this process runs (pipeline.py: a stage's); None: to the end
+
+    def blockwise(self, x, view=0):
         """Algorithm 1: yields the output of block 1, 2, ... in turn. Block k starts from the output of
         the stage before its first stage, through the stop-gradient, so that no loss of block k reaches
         an earlier block. A caller that back-propagates block k before asking for block k+1 holds one
         block's graph at a time (train.py); one that needs only the first blocks stops early (probe.py).
-        `drop` (vit.py only, §6): for each block, the fraction of the image's patch tokens it does not see."""
-        outs = {0: x}  # the output of every stage so far: LoCo's next unit starts inside this one
-        for k, stages in enumerate(self.blocks):
+        `view` (0 or 1) picks that view's masks (`mask`, vit.py only) and noise. `x` is the input of
+        block `first` (the images, unless a pipeline stage runs the blocks from `first` on)."""
+        drop = self.mask[view] if self.mask and self.training else None
+        outs = {self.blocks[self.first][0] - 1: x}  # every stage's output: LoCo starts inside a unit
+        end = len(self.blocks) if self.last is None else self.last + 1
+        for k, stages in enumerate(self.blocks[self.first:end], self.first):
+            g = self.generator(k, view, x.device)
             h = outs[stages[0] - 1].detach()  # the stop-gradient between blocks (Algorithm 1)
-            h = self.enter(h, stages[0], drop[k] if drop else 0.0)
+            h = self.enter(h, stages[0], drop[k] if drop else 0.0, g)
             for s in stages:
                 for unit in self.units(s):
                     h = unit(h)
                 outs[s] = h
-            h = outs[s] = add_noise(h, self.noise, self.training)  # §5: before the head and the next block
+            h = outs[s] = add_noise(h, self.noise, self.training, g)  # §5: before head and next block
             yield h
 
-    def enter(self, h, stage, drop):
-        """A block's input as its first stage takes it: for a ResNet, as it is (vit.py: as tokens, some dropped)."""
+    def generator(self, k, view, device):
+        """The random numbers of block k and one view at this step: seeded by (seed, k, view), so that a
+        block draws the same whichever process runs it (pipeline.py); None without a seed."""
+        if self.seed is None or not self.training:
+            return None
+        return torch.Generator(device).manual_seed(hash((self.seed, k, view)) & 0xFFFF_FFFF)
+
+    def enter(self, h, stage, drop, generator=None):
+        """A block's input as its first stage takes it: for a ResNet, as it is (vit.py: as tokens, some
+        dropped, drawn from `generator`)."""
         return h
 
     def forward(self, x):
@@ -140,9 +157,11 @@ class Blockwise(nn.Module):
         mine = [id(m) for m in self.stage_modules(s)]
         return tuple(name + "." for name, m in self.named_modules() if id(m) in mine)
 
-    def trunk_state_dict(self):
-        """The trunk's weights alone, under torchvision's names: the network that the paper probes (§3.1)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("heads.", "projectors."))}
+    def trunk_state_dict(self, state=None):
+        """The trunk's weights alone, under torchvision's names: the network that the paper probes (§3.1).
+        `state`: a state_dict of this model to take them from (pipeline.py: gathered from the stages)."""
+        state = self.state_dict() if state is None else state
+        return {k: v for k, v in state.items() if not k.startswith(("heads.", "projectors."))}
 
     def own_names(self, trunk):
         """A trunk_state_dict's keys as this module's own (the same for a ResNet)."""

@@ -21,7 +21,9 @@ import torch
 import distributed
 from blockwise import BlockResNet
 from cli import Abort, one_line
-from vit import VITS, BlockViT
+from vit import VITS, BlockViT, masks
+import pipeline
+import recompute
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,11 +151,13 @@ def load(path, needs=(), what="checkpoint"):
     return obj
 
 
-def save_checkpoint(path, model, optimizer, epoch, step, config, args, data, **extra):
-    """What a resumed run needs: weights, LARS momentum, where to go on from, the model's config, the flags, the
-    training set's fingerprint, the number of processes, where the run ran, and `extra` (routing's table)."""
-    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
-                     config=config, args=vars(args), data=data, world=distributed.world(), env=environment(), **extra),
+def save_checkpoint(path, state, epoch, step, config, args, data, **extra):
+    """What a resumed run needs: `state`, the weights and optimizer state (LARS momentum) of the whole model, where
+    to go on from, the model's config, the flags, the training set's fingerprint, the number of processes, where the
+    run ran, and `extra` (routing's table)."""
+    save_atomic(dict(model=state[0], optimizer=state[1], epoch=epoch, step=step,
+                     config=config, args=vars(args), data=data, world=distributed.dp_world(), env=environment(),
+                     **extra),
                 path)
 
 
@@ -191,6 +195,49 @@ def load_frozen_init(model, path, frozen):
     model.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
+def model_config(args, num_classes):
+    """The arguments of BlockResNet (or vit.BlockViT), stored in every checkpoint so probe.py and
+    resume rebuild the model exactly."""
+    widths = [int(w) for w in args.projector.split("-")]
+    if args.loss == "supervised":  # §3.4: the projector's last layer outputs the classes
+        widths[-1] = num_classes
+    config = dict(arch=args.arch, blocks=args.blocks, pooling=args.pooling, head_dim=args.head_dim,
+                  noise=args.noise, projector_widths=widths)
+    if args.arch in VITS:
+        return dict(config, image_size=args.image_size, patch_size=args.patch_size)
+    return dict(config, kernel_size=args.kernel_size, groups=args.groups)
+
+
+def build(config, args, device, frozen=()):
+    """The model, with the same initial weights in every process (seeded; --init fills the --frozen
+    blocks), on its device, SyncBatchNorm on GPUs under torchrun, the --recompute mode, compiled
+    heads, and the ViT's masks of §6 (--mask)."""
+    model = network(config, args.seed, frozen, args.init)
+    if device.type == "cuda" and distributed.active():
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, distributed.DP)  # GPU-only
+    model.to(device, memory_format=torch.channels_last if args.channels_last else
+             torch.contiguous_format)
+    model.mask = masks(args.mask, args.mask_views, len(model.blocks))
+    if args.recompute != "none":
+        recompute.apply(model, args.recompute)
+    if args.compile:
+        recompute.compile_heads(model)
+    return model
+
+
+def export_trunk(model, state, args):
+    """Every process must hold its first replica's weights; then trunk.pth, torchvision's state_dict, from
+    rank 0's `state` (the whole model's, pipeline.Layout.gather_state)."""
+    same = distributed.check_replicas(model) if distributed.active() else None
+    if distributed.rank() == 0:
+        if same:
+            print(same, flush=True)
+        save_atomic(model.trunk_state_dict(state[0]), os.path.join(args.out, "trunk.pth"))
+        kind = "VisionTransformer" if args.arch in VITS else args.arch
+        print(f"done: {args.out}/checkpoint.pth, trunk (torchvision {kind} state_dict) in "
+              f"{args.out}/trunk.pth", flush=True)
+
+
 # Flags a resumed run may change: they change neither the model nor its data, only how it is computed (README).
 RESUMABLE = {"epochs", "workers", "gpu_aug", "print_freq", "data", "out", "compile", "recompute", "channels_last",
              "monitor_every", "monitor_images", "timeout", "device"}
@@ -221,8 +268,8 @@ def check_resume(ckpt, config, args, data, path, total_epochs):
                     f"({'other class names' if theirs['images'] == data['images'] else 'another dataset'})")
     if total_epochs < ckpt["epoch"]:
         raise Abort(f"--epochs {args.epochs}: {path} has already run {ckpt['epoch']} epochs; pass at least that many")
-    if ckpt.get("world", distributed.world()) != distributed.world():
-        return (f"resuming a run of {ckpt['world']} process(es) with {distributed.world()}: the same images and "
+    if ckpt.get("world", distributed.dp_world()) != distributed.dp_world():
+        return (f"resuming a run of {ckpt['world']} process(es) with {distributed.dp_world()}: the same images and "
                 "schedule, but on CPU each process normalises its own images (BatchNorm), so the run is not the one "
                 f"{ckpt['world']} would have given")
     return None
@@ -233,14 +280,16 @@ def resume(run):
     is shared); else every process takes rank 0's initial weights. `run`: train.py's (path, model, optimizer, router,
     config, args, data, epochs, log). Returns (epoch, step) to go on from."""
     found, = distributed.agree(distributed.rank() == 0 and os.path.exists(run.path))
-    if not found:
+    if not found:  # pipeline.py: each stage's replicas take their first one's weights
         for t in run.model.state_dict().values():
-            distributed.broadcast(t, 0)
+            if not t.is_meta:
+                distributed.broadcast(t, distributed.dp_first(), distributed.DP)
         return 0, 0
     ckpt = load(run.path, needs=("model", "optimizer", "config", "epoch", "step"))
     note = check_resume(ckpt, run.config, run.args, run.data, run.path, run.epochs)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    pipeline.own(run.model, run.optimizer)
     if run.router:
         run.router.table.copy_(ckpt["router"])
     run.log(resume=dict(epoch=ckpt["epoch"], step=ckpt["step"]), **(dict(note=note) if note else {}))

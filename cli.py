@@ -8,10 +8,12 @@ import sys
 import time
 import traceback
 
+import torch
 import torch.distributed as dist
 
 import distributed
 from blockwise import parse_blocks
+from vit import VITS
 
 
 class Abort(Exception):
@@ -86,6 +88,40 @@ def numbers(text, flag, n=None, kind=float):
     if n is not None and len(vals) not in (1, n):
         raise ValueError(f"{flag} {text}: give one value or one per block ({n})")
     return vals * n if n is not None and len(vals) == 1 else vals
+
+
+def frozen_blocks(text, n):
+    """--frozen `text` as 0-based block numbers, checked against the n blocks."""
+    try:
+        frozen = {int(k) - 1 for k in text.split(",") if k}
+    except ValueError:
+        frozen = {-1}
+    if not frozen <= set(range(n)) or len(frozen) == n:
+        raise Abort(f"--frozen {text}: must name some, not all, of blocks 1-{n}")
+    return frozen
+
+
+def check_train_args(args, world):
+    """What no single flag can say alone, refused before anything starts, naming the flag."""
+    if args.warmup_epochs > args.epochs:
+        raise Abort(f"--warmup-epochs {args.warmup_epochs:g}: must be between 0 and --epochs "
+                        f"{args.epochs}")
+    if args.init and not args.frozen:
+        raise Abort(f"--init {args.init}: used with --frozen, which names the blocks it fills")
+    if args.batch_size % world:
+        raise Abort(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.arch in VITS and args.recompute != "none":
+        raise Abort(f"--recompute {args.recompute}: for ResNets only (a ViT has no CbE maps or "
+                        "residual units to recompute)")
+    if args.arch not in VITS and args.mask != "0":
+        raise Abort(f"--mask {args.mask}: masking drops a ViT's patch tokens (--arch vit_tiny, "
+                        "vit_small, vit_base)")
+    if args.route != "none" and (args.loss != "barlowtwins" or args.mode != "simultaneous"):
+        raise Abort(f"--route {args.route}: routes Barlow Twins' examples among blocks trained "
+                        "together (--loss barlowtwins, --mode simultaneous)")
+    if args.batch_size // world < 2:
+        raise Abort(f"--batch-size {args.batch_size}: each of the {world} processes needs at "
+                        "least 2 images (BatchNorm's batch statistics)")
 
 
 # ---------------------------------------------------------------- signals and data-loading workers
@@ -221,3 +257,81 @@ class Ticker:
 
 def clock(seconds):
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m{int(seconds % 60):02d}s"
+
+
+# ---------------------------------------------------------------- the training loop's plumbing (train.py)
+
+def fetch(batches):
+    """The next batch, or the error that fetching it raised (a corrupt image, a data-loading worker that died)."""
+    try:
+        return next(batches), None
+    except Exception as e:  # noqa: BLE001 (any failure must first be agreed on, so that rank 0 can save)
+        return None, e
+
+
+class Progress:
+    """The progress line and log.jsonl entry (rank 0) after the first step, every --print-freq steps and at least
+    every 30 s, with images/s and the ETA; and the NaN check of the losses since the last line. Every process
+    records its own blocks' losses (pipeline.py: a stage's) and takes part in each line, which rank 0 calls `due`."""
+
+    def __init__(self, epoch, first, steps, epochs, args, path):
+        self.epoch, self.first, self.steps, self.epochs, self.args, self.path = epoch, first, steps, epochs, args, path
+        self.t0 = self.shown = time.time()
+        self.window = []  # (step, losses) since the last line
+
+    def due(self, i):
+        """Whether step i's line is due (rank 0's clock decides; distributed.agree tells the others)."""
+        if distributed.rank() or i < self.first:
+            return False
+        return not (i + 1) % self.args.print_freq or i + 1 == self.steps or i == self.first or \
+            time.time() - self.shown >= 30
+
+    def record(self, i, block_losses):
+        self.window.append((i, block_losses))
+
+    def flush(self, i):
+        """The losses of the latest step up to i, NaN for a block whose loss was not finite at some step since the
+        last line (None if there is none); the window keeps the later steps."""
+        mine = [(j, v) for j, v in self.window if j <= i]
+        if not mine:
+            return None
+        self.window = [(j, v) for j, v in self.window if j > i]
+        values = torch.stack([v for _, v in mine]).cpu()  # one wait for the device per line
+        return torch.where(torch.isfinite(values).all(0), values[-1], float("nan"))
+
+    def show(self, i, block_losses, lr, trained, log, printed=True):
+        """Stop (one line) if a loss is not finite, before anything is saved; else the line for step i."""
+        bad = (~torch.isfinite(block_losses)).nonzero()
+        if len(bad):
+            kept = f"{self.path} holds the last good state" if os.path.exists(self.path) else \
+                "no checkpoint was written"
+            raise Abort(f"loss of block {trained[bad[0].item()] + 1} is not finite by epoch {self.epoch + 1} "
+                        f"step {i + 1}; stopped, {kept}")
+        if not printed:
+            return
+        self.shown, rate = time.time(), (i + 1 - self.first) * self.args.batch_size / (time.time() - self.t0)
+        entry = dict(epoch=self.epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,
+                     blocks=[k + 1 for k in trained], time=round(time.time(), 3))
+        log(**entry)
+        left = ((self.epochs - self.epoch - 1) * self.steps + self.steps - i - 1) * self.args.batch_size
+        if distributed.rank() == 0:
+            print(f"epoch {self.epoch + 1}/{self.epochs} step {i + 1}/{self.steps} | lr {lr:.4g} | loss per block "
+                  f"{' '.join(f'{v:.4g}' for v in entry['loss'])} | {rate:.1f} img/s | ETA {clock(left / rate)}",
+                  flush=True)
+
+
+def report_stop(step, failure, failed_elsewhere, epoch, path):
+    """After every process agreed to stop and rank 0 saved: a stop signal ends the run with exit 0; a failure with
+    one line in the process that failed, and one in the others."""
+    where = f"saved {path} at epoch {epoch + 1} step {step}; rerun to resume"
+    if failure is not None:
+        cause = one_line(failure)
+        if worker_died(failure):
+            cause = (f"a data-loading worker died ({cause[:160]}): out of memory, or a /dev/shm too small for "
+                     "--workers x the batch; try fewer --workers or a larger /dev/shm")
+        raise Abort(f"{cause}; {where}")
+    if failed_elsewhere:
+        raise Abort(f"stopped: another process failed (see its line); {where}")
+    if distributed.rank() == 0:
+        why = signal.Signals(STOP[0]).name if STOP else "another process was signalled"
+        print(f"{why}: {where}", flush=True)

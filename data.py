@@ -143,7 +143,7 @@ class EpochKeys(torch.utils.data.Sampler):
         self.n, self.seed, self.keys = n, seed, []
 
     def epoch_keys(self, epoch, start=0, end=None, views=0):
-        order = torch.utils.data.DistributedSampler(range(self.n), distributed.world(), distributed.rank(),
+        order = torch.utils.data.DistributedSampler(range(self.n), distributed.dp_world(), distributed.dp_rank(),
                                                     shuffle=True, seed=self.seed, drop_last=True)
         order.set_epoch(epoch)
         return [(epoch, i, views) for i in list(order)[start:end]]
@@ -159,7 +159,7 @@ def training_loader(train_set, sets, args):
     """The two views of every training image, each block's set of views (App. A), `--workers` processes that live
     for the run (persistent: no fork per epoch)."""
     data = Seeded(train_set, [TwoViews(args.image_size, views, on_device=args.gpu_aug) for views in sets], args.seed)
-    return torch.utils.data.DataLoader(data, args.batch_size // distributed.world(), sampler=EpochKeys(len(data),
+    return torch.utils.data.DataLoader(data, args.batch_size // distributed.dp_world(), sampler=EpochKeys(len(data),
                                        args.seed), drop_last=True, num_workers=args.workers,
                                        pin_memory=distributed.DEVICE.type == "cuda", worker_init_fn=quiet_worker,
                                        persistent_workers=args.workers > 0)

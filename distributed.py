@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 DEVICE = torch.device("cpu")  # the default group's device, set by setup()
 GRADS = CONTROL = None
+DP = None  # the data-parallel group: every process (None), or one pipeline stage's replicas
 FORCE = "BLOCKWISE_DISTRIBUTED"  # =1: the distributed code path in a single process (.ci/gpu runs it with NCCL)
 
 
@@ -97,8 +98,20 @@ def rank():
     return dist.get_rank() if active() else 0
 
 
-def world():  # §3.4: the global batch is spread over this many processes
+def world():
     return dist.get_world_size() if active() else 1
+
+
+def dp_rank():  # this process's share of the global batch (pipeline.py: its replica's)
+    return dist.get_rank(DP) if active() else 0
+
+
+def dp_world():  # §3.4: the global batch is spread over this many processes (pipeline: replicas)
+    return dist.get_world_size(DP) if active() else 1
+
+
+def dp_first():  # the global rank of the data-parallel group's first process
+    return dist.get_global_rank(DP, 0) if active() and DP is not None else 0
 
 
 def _on_group_device(collective, t, group=None, **kw):
@@ -120,10 +133,10 @@ def all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
     return _on_group_device(dist.all_reduce, t, group, op=op, async_op=async_op)
 
 
-def broadcast(t, src=0):
-    """Rank `src`'s `t` to every process, in place."""
+def broadcast(t, src=0, group=None):
+    """Global rank `src`'s `t` to every process of `group` (all by default), in place."""
     if active():
-        _on_group_device(dist.broadcast, t, src=src)
+        _on_group_device(dist.broadcast, t, group, src=src)
 
 
 def gather_rows(t, n):
@@ -168,7 +181,7 @@ def average_grads(params):
 
     def finish():
         work.wait()
-        unflatten_into(flat.div_(world()), grads)
+        unflatten_into(flat.div_(dp_world()), grads)
     return finish
 
 
@@ -184,10 +197,10 @@ def broadcast_buffers(model):
     """BatchNorm running statistics from rank 0 to all, in one message, as DDP's broadcast_buffers does. Needed
     with plain BatchNorm (CPU), where each rank tracks the statistics of its own images; SyncBatchNorm (GPU)
     tracks the global batch's on every rank already."""
-    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    bufs = [b for b in model.buffers() if b.is_floating_point() and not b.is_meta]
     if active() and bufs:
         flat = torch.cat([b.flatten() for b in bufs])
-        broadcast(flat, 0)
+        broadcast(flat, dp_first(), DP)
         unflatten_into(flat, bufs)
 
 
@@ -195,9 +208,10 @@ def check_replicas(model):
     """After training, every rank must hold exactly rank 0's weights and BN statistics (gradients averaged
     identically, BN buffers of frozen blocks untouched); a mismatch is a bug, not noise. Returns a line to print.
     Raises ValueError naming how many ranks differ."""
-    mine = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()])
+    own = [t.detach().double().flatten() for t in model.state_dict().values() if not t.is_meta]
+    mine = torch.cat(own)
     ref = mine.clone()
-    broadcast(ref, 0)
+    broadcast(ref, dp_first(), DP)  # pipeline.py: each stage's replicas against their first
     bad = torch.tensor(float(not torch.equal(mine, ref)))
     all_reduce(bad)
     if bad:

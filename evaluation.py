@@ -87,3 +87,14 @@ def monitors(model, sets, classes, batch_size, workers, k=20):
     if distributed.rank():
         return None
     return dict(knn=[knn(b, bank_y, h, y, k, classes) for b, h in zip(bank_f, f)], rankme=[rankme(h) for h in f])
+
+
+def log_monitors(epoch, run):
+    """The online monitors (kNN top-1 and RankMe per block, README), printed and logged."""
+    found = monitors(run.model, run.monitored, run.train_set.num_classes,
+                     max(1, run.args.batch_size // distributed.world()), run.args.workers)
+    if found is not None:  # rank 0
+        print(f"monitors after epoch {epoch + 1}: kNN top-1 per block "
+              + " ".join(f"{v:.2f}" for v in found["knn"]) + " | RankMe per block "
+              + " ".join(f"{v:.1f}" for v in found["rankme"]), flush=True)
+        run.log(epoch=epoch, monitor=found)

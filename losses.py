@@ -15,6 +15,9 @@ import torch.nn.functional as F
 LOSSES = ("barlowtwins", "vicreg", "simclr", "supervised")
 
 
+GROUP = None  # the processes a batch is spread over: all (None), or a pipeline stage's replicas
+
+
 def _distributed():  # §3.4: the paper trains on many GPUs; the loss must be that of the global batch
     return dist.is_available() and dist.is_initialized()  # one process in a group too: the same code path
 
@@ -26,13 +29,13 @@ class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=GROUP)
         return x
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=GROUP)
         return grad
 
 
@@ -42,15 +45,15 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(GROUP))]
+        dist.all_gather(parts, x.contiguous(), group=GROUP)
+        ctx.rank, ctx.n = dist.get_rank(GROUP), x.shape[0]
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # gloo has no reduce_scatter; all_reduce then slice is the same sum
+        dist.all_reduce(grad, group=GROUP)  # gloo has no reduce_scatter; all_reduce then slice is the same sum
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
@@ -63,7 +66,7 @@ def all_gather(x):  # the global batch (Fig. 5 losses)
 
 
 def _world_size():  # §3.4: batch 2048 spread over the processes
-    return dist.get_world_size() if _distributed() else 1
+    return dist.get_world_size(GROUP) if _distributed() else 1
 
 
 def fp32(loss):

@@ -165,3 +165,16 @@ class LeanCbE(torch.autograd.Function):
             dx[i:i + n], gw = torch.autograd.grad(y, (xc, wc), dy.to(y.dtype))
             dweight += gw
         return dx, dweight, dgamma, dbeta, None
+
+
+def compile_heads(model):
+    """torch.compile each head and projector in place (state_dict keys unchanged): it fuses CbE's
+    BN + ReLU + pool and stores less (bench.py). The trunk stays eager (slower compiled,
+    docs/performance.md); so does a LeanCbE head, whose hand-written autograd would not trace."""
+    # The heads share one forward, compiled once per head, mode (train, eval) and batch size (a
+    # monitor's last batch): more than dynamo's default of 8, past which it runs the rest eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               8 * len(model.heads))
+    for m in [*model.heads, *model.projectors]:
+        if not is_lean(m):
+            m.compile()

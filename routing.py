@@ -37,7 +37,7 @@ class Router:
         self.table = torch.full((images,), float("nan"), device=device)
 
     def weights(self, index):
-        """For a batch of image indices: per block, a tensor of sample weights, or None where every weight is 1."""
+        """For a batch of image indices: per block, a tensor of sample weights."""
         d = self.table[index]
         known = ~d.isnan()
         rank = torch.empty_like(d).scatter_(0, d.argsort(), torch.arange(len(d), device=d.device, dtype=d.dtype))
@@ -46,7 +46,7 @@ class Router:
         for k in range(self.blocks):
             w = (route >= k).to(d.dtype) if self.scheme == "below" else torch.where(route == k, 1.0, self.weight)
             w = torch.where(known, w, 1.0)
-            out.append(None if bool((w == 1).all()) else w)
+            out.append(w)  # never None on one process only: every process issues the same collectives
         return out
 
     def record(self, index, d):
@@ -54,3 +54,23 @@ class Router:
         if distributed.active():
             index, d = (distributed.gather_rows(t, len(t) * distributed.world()) for t in (index, d))
         self.table[index] = d.to(self.table.dtype)
+
+
+class Routed:
+    """App. A's routing around the per-block losses (train.head_losses): block k's loss weighs the batch's
+    examples by their routing weights, and those of weight 0 never reach its head; the last block records the
+    batch's difficulties, for the next time its images are seen."""
+
+    def __init__(self, block_loss, router, pool):
+        self.block_loss, self.router, self.pool = block_loss, router, pool
+
+    def batch(self, keys):
+        """The next batch's Seeded keys (epoch, image, view set): its images' weights per block."""
+        self.index = torch.tensor([key[1] for key in keys], device=self.router.table.device)
+        self.w = self.router.weights(self.index)
+
+    def __call__(self, k, h1, h2, labels):
+        if k == self.router.blocks - 1:
+            self.router.record(self.index, difficulty(h1, h2, self.pool))
+        keep = self.w[k] > 0
+        return self.block_loss(k, h1[keep], h2[keep], None if labels is None else labels[keep], self.w[k][keep])

@@ -299,12 +299,12 @@ def test_a_masked_token_changes_nothing_downstream():
     """Per-block masking (§6): block 1 drops a quarter of the 16 patches of each image (its own choice, seeded);
     changing the pixels of a patch it dropped changes no block's output; changing a kept patch does."""
     model = small_vit().train()
-    drop = [0.25, 0.5, 0.5, 0.75]
+    model.mask = ([0.25, 0.5, 0.5, 0.75], None)  # the first view's masks
     x = torch.rand(3, 3, 32, 32)
 
     def run(images):
         torch.manual_seed(7)
-        return [h.detach() for h in model.blockwise(images, drop)]
+        return [h.detach() for h in model.blockwise(images)]
     torch.manual_seed(7)
     order = torch.rand(3, 16).argsort(1)  # drop_tokens' first draw: the patches block 1 keeps come first
     gone, kept = order[0, 12].item(), order[0, 0].item()
@@ -317,7 +317,7 @@ def test_a_masked_token_changes_nothing_downstream():
         assert all(torch.equal(a, b) for a, b in zip(outs, changed)) == same, patch
     assert [h.shape[1] for h in outs] == [1 + 12, 1 + 8, 1 + 8, 1 + 4]  # the class token and the kept patches
     model.eval()
-    assert [h.shape[1] for h in model.blockwise(x, drop)] == [17] * 4  # evaluation never masks
+    assert [h.shape[1] for h in model.blockwise(x)] == [17] * 4  # evaluation never masks
 
 
 def test_token_masks_are_nested_per_image_and_keep_the_order():
@@ -393,7 +393,7 @@ def test_recomputed_trunk_gives_the_same_step():
         model = small_model(noise=0.25).double().train()
         recompute.apply(model, mode)
         torch.manual_seed(1)
-        loss = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+        loss = train.train_step(model, y1, y2, None, train.head_losses(model, BT4), train.grad_owners(model, [0, 1, 2, 3]))
         results.append([loss, *(p.grad for p in model.parameters()), *model.buffers()])
     for a, b in zip(*results):
         assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-12 * a.double().abs().max().item())
@@ -777,7 +777,7 @@ def test_lean_step_gives_the_gradients_of_the_summed_losses():
     model = small_model(noise=0.0).train()
     twin = small_model(noise=0.0).train()
     y1, y2, labels = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
-    train.train_step(model, y1, y2, labels, BT4, [0, 1, 2, 3], train.grad_owners(model, [0, 1, 2, 3]))
+    train.train_step(model, y1, y2, labels, train.head_losses(model, BT4), train.grad_owners(model, [0, 1, 2, 3]))
     f1, f2 = twin(y1), twin(y2)
     sum(losses.barlow_twins(proj(a), proj(b)) for proj, a, b in zip(twin.projectors, f1, f2)).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
@@ -793,8 +793,8 @@ def test_sequential_keeps_the_frozen_block_and_its_bn_statistics_fixed():
     opt = LARS(model.parameters(), lr=0.5)
     for _ in range(3):
         opt.zero_grad()
-        train.train_step(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), None, BT4, [1],
-                         train.grad_owners(model, [1]))
+        train.train_step(model, torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), None,
+                         train.head_losses(model, BT4), train.grad_owners(model, [1]))
         opt.step()
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
@@ -839,9 +839,9 @@ def test_second_epoch_draws_new_views_and_noise(tmp_path):
     (y1, y2), labels = torch.utils.data.default_collate([ds[i] for i in sampler])
     y1, y2 = normalize(y1), normalize(y2)
     torch.manual_seed(0)
-    model = BlockResNet(**train.model_config(args, 2)).train()
+    model = BlockResNet(**bookkeeping.model_config(args, 2)).train()
     torch.manual_seed(train.step_seed(0, 0, 1, 0))
-    loss = train.train_step(model, y1, y2, labels, train.loss_functions(args, 4), [0, 1, 2, 3],
+    loss = train.train_step(model, y1, y2, labels, train.head_losses(model, train.loss_functions(args, 4)),
                             train.grad_owners(model, [0, 1, 2, 3]))
     assert np.allclose(loss.tolist(), logged[1], rtol=1e-5) and not np.allclose(logged[0], logged[1], rtol=1e-3)
     assert len({train.step_seed(0, r, e, i) for r in (0, 1) for e in (0, 1) for i in (0, 1)}) == 8
@@ -851,7 +851,7 @@ def test_grad_scale_scales_the_1d_updates_only(tmp_path):
     """--grad-scale 0.5: BN parameters (no trust ratio) move half as far; 2-D weights (LARS trust ratio) as far."""
     data = image_folder(tmp_path / "data", per_class=4)
     torch.manual_seed(0)
-    start = BlockResNet(**train.model_config(train.get_args(SMALL), 2)).state_dict()
+    start = BlockResNet(**bookkeeping.model_config(train.get_args(SMALL), 2)).state_dict()
     moved = {}
     for scale in ("1", "0.5"):
         run_train(data, tmp_path / scale, "--epochs", "1", "--batch-size", "8", "--grad-scale", scale)
@@ -962,10 +962,11 @@ def test_an_example_routed_below_never_reaches_the_head_above():
     model = small_model(noise=0.0).train()
     h1, h2 = (torch.randn(6, 512, 2, 2, requires_grad=True) for _ in range(2))
     w = torch.tensor([0.0, 1, 1, 1, 1, 1])
-    loss = train.block_loss(model, 3, h1, h2, None, lambda z1, z2, y, w: losses.barlow_twins(z1, z2, weight=w), w)
+    weighted = [lambda z1, z2, y, w: losses.barlow_twins(z1, z2, weight=w)] * 4
+    loss = train.head_losses(model, weighted)(3, h1, h2, None, w)
     loss.backward()
     assert h1.grad[0].abs().max() == 0 and h1.grad[1:].abs().sum() > 0
-    plain = train.block_loss(model, 3, h1[1:], h2[1:], None, BT4[0])
+    plain = train.head_losses(model, BT4)(3, h1[1:], h2[1:], None)
     assert torch.allclose(loss, plain)
 
 
@@ -1067,7 +1068,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, split):
 
     args = train.get_args(["--data", data, *SMALL, "--batch-size", "8", *split])
     ds = Seeded(load_dataset("folder", data), aug.TwoViews(32), seed=0)
-    model = bookkeeping.network(train.model_config(args, 2), 0)
+    model = bookkeeping.network(bookkeeping.model_config(args, 2), 0)
     n, trained = len(model.blocks), train.training_phases(args, len(model.blocks))[0]
     train.set_trainable(model, trained)
     halves = []
@@ -1076,7 +1077,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, split):
         sampler.set_epoch(0)
         batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
         torch.manual_seed(train.step_seed(0, rank, 0, 0))  # this rank's noise, drawn in train_step's order
-        views = [model.blockwise(normalize(v), d) for v, d in zip(batch[0], train.masks(args, n))]
+        model.mask = vit.masks(args.mask, args.mask_views, n)
+        views = [model.blockwise(normalize(v), view) for view, v in enumerate(batch[0])]
         feats = [[model.heads[k](next(v)) for v in views] for k in range(n)]  # per-rank BatchNorm statistics
         halves.append(list(zip(*feats)))
     total = 0
@@ -1311,7 +1313,7 @@ def test_every_flag_that_changes_the_run_is_refused_on_resume(tmp_path):
         flag = "--" + key.replace("_", "-")
         args = train.get_args(base + ([flag] if other[key] is None else [flag, other[key]]))
         with pytest.raises(bookkeeping.Abort) as e:
-            bookkeeping.check_resume(ckpt, train.model_config(args, 2), args, ckpt["data"], "ckpt", 1)
+            bookkeeping.check_resume(ckpt, bookkeeping.model_config(args, 2), args, ckpt["data"], "ckpt", 1)
         assert flag in str(e.value) or f"{key} " in str(e.value) or key == "projector" and "projector" in str(e.value)
 
 
@@ -1551,11 +1553,12 @@ def test_cuda_compiled_heads_equal_eager_ones():
     y1, y2 = torch.randn(8, 3, 32, 32, device="cuda"), torch.randn(8, 3, 32, 32, device="cuda")
     owners = train.grad_owners(model, [0, 1, 2, 3])
     torch.manual_seed(1)
-    eager = train.train_step(model, y1, y2, None, BT4, [0, 1, 2, 3], owners)
+    eager = train.train_step(model, y1, y2, None, train.head_losses(model, BT4), owners)
     compiled = copy.deepcopy(model)
-    train.compile_heads(compiled)
+    recompute.compile_heads(compiled)
     torch.manual_seed(1)
-    got = train.train_step(compiled, y1, y2, None, BT4, [0, 1, 2, 3], train.grad_owners(compiled, [0, 1, 2, 3]))
+    got = train.train_step(compiled, y1, y2, None, train.head_losses(compiled, BT4),
+                           train.grad_owners(compiled, [0, 1, 2, 3]))
     assert torch.allclose(eager, got, rtol=1e-3)
 
 

@@ -56,14 +56,30 @@ class Stem(nn.Module):
         return self.dropout(x + self.pos_embedding)
 
 
-def drop_tokens(h, fraction, patches):
+def drop_tokens(h, fraction, patches, generator=None):
     """Keep round((1 - fraction) x `patches`) patch tokens of each image (its own random choice, in their order) and
     the class token. Tokens already gone count as dropped: a block drops only what the blocks before it kept."""
     keep = round((1 - fraction) * patches)
     if keep >= h.shape[1] - 1:
         return h
-    chosen = torch.rand(h.shape[0], h.shape[1] - 1, device=h.device).argsort(1)[:, :keep].sort(1).values + 1
+    draw = torch.rand(h.shape[0], h.shape[1] - 1, device=h.device, generator=generator)
+    chosen = draw.argsort(1)[:, :keep].sort(1).values + 1
     return torch.cat([h[:, :1], h.gather(1, chosen[..., None].expand(-1, -1, h.shape[2]))], 1)
+
+
+def masks(text, views, n):
+    """--mask `text` as each view's per-block fractions (§6; --mask-views `views`: one or both), or
+    None when nothing is masked. Raises ValueError (one line) naming the flag."""
+    fractions = [float(f) for f in str(text).split(",")]
+    fractions = fractions * n if len(fractions) == 1 else fractions
+    if len(fractions) != n:
+        raise ValueError(f"--mask {text}: give one value or one per block ({n})")
+    if any(not 0 <= f < 1 for f in fractions) or fractions != sorted(fractions):
+        raise ValueError(f"--mask {text}: fractions in [0, 1) that do not decrease from block to "
+                        "block (nested masks)")
+    if not any(fractions):
+        return None
+    return fractions, fractions if views == "both" else None
 
 
 class BlockViT(Blockwise):
@@ -88,11 +104,11 @@ class BlockViT(Blockwise):
         self.projectors = nn.ModuleList(projector(h.dim, projector_widths) for h in self.heads) \
             if projector_widths else None
 
-    def enter(self, h, stage, drop):
+    def enter(self, h, stage, drop, generator=None):
         """The first block embeds the image; every block drops its share of the patch tokens (training only)."""
         if stage == 1:
             h = self.stem(h)
-        return drop_tokens(h, drop, self.patches) if drop and self.training else h
+        return drop_tokens(h, drop, self.patches, generator) if drop else h
 
     def units(self, s):
         layers = list(self.layers)[LAYERS_PER_STAGE * (s - 1):LAYERS_PER_STAGE * s]
@@ -109,8 +125,8 @@ class BlockViT(Blockwise):
     NAMES = (("stem.conv_proj.", "conv_proj."), ("stem.class_token", "class_token"),
              ("stem.pos_embedding", "encoder.pos_embedding"), ("layers.", "encoder.layers."), ("ln.", "encoder.ln."))
 
-    def trunk_state_dict(self):
-        return {rename(k, self.NAMES): v for k, v in super().trunk_state_dict().items()}
+    def trunk_state_dict(self, state=None):
+        return {rename(k, self.NAMES): v for k, v in super().trunk_state_dict(state).items()}
 
     def own_names(self, trunk):
         return {rename(k, [(b, a) for a, b in self.NAMES]): v for k, v in trunk.items()}
