@@ -785,31 +785,37 @@ def test_readme_excerpt_is_the_method():
 def test_router_ranks_examples_by_difficulty_into_blocks():
     """8 examples of difficulty 7, 6, ..., 0 and 4 blocks: the two easiest go to block 1, the two hardest to block 4.
     'below': weight 1 at the routed block and under it, 0 above; 'weight': 1 at the routed block, w elsewhere.
-    An example never measured trains every block with weight 1; a block whose weights are all 1 gets None."""
+    An example never measured trains every block with weight 1. Every block gets a tensor, ones included, so that
+    every process issues the same collectives."""
     below = routing.Router(10, 4, "below", 0.5, torch.device("cpu"))
     below.record(torch.arange(8), torch.arange(8, 0, -1).float())
     w = below.weights(torch.arange(8))
     route = [3, 3, 2, 2, 1, 1, 0, 0]
-    assert w[0] is None and all(w[k].tolist() == [float(r >= k) for r in route] for k in (1, 2, 3))
+    assert all(w[k].tolist() == [float(r >= k) for r in route] for k in range(4))
     weight = routing.Router(10, 4, "weight", 0.25, torch.device("cpu"))
     weight.table.copy_(below.table)
     w = weight.weights(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
     assert all(w[k].tolist() == [1.0 if r == k else 0.25 for r in route] for k in range(4))
-    assert below.weights(torch.tensor([8, 9])) == [None] * 4  # never measured
-    assert routing.Router(10, 4, "weight", 1.0, torch.device("cpu")).weights(torch.arange(8)) == [None] * 4
+    assert all(w.tolist() == [1.0, 1.0] for w in below.weights(torch.tensor([8, 9])))  # never measured
+    assert all(w.tolist() == [1.0] * 8 for w in routing.Router(10, 4, "weight", 1.0, torch.device("cpu"))
+               .weights(torch.arange(8)))
 
 
 def test_an_example_routed_below_never_reaches_the_head_above():
-    """'below': an example of weight 0 at block k does not reach its head: its gradient there is exactly 0, and the
-    loss is the loss of the other examples."""
+    """'below' (routing.Routed around the per-block losses): the two easiest of 6 examples are routed to block 1, so
+    at block 2 they have weight 0 and do not reach its head: their gradient is exactly 0, and the loss is the loss of
+    the other examples."""
     model = small_model(noise=0.0).train()
-    h1, h2 = (torch.randn(6, 512, 2, 2, requires_grad=True) for _ in range(2))
-    w = torch.tensor([0.0, 1, 1, 1, 1, 1])
-    weighted = [lambda z1, z2, y, w: losses.barlow_twins(z1, z2, weight=w)] * 4
-    loss = train.head_losses(model, weighted)(3, h1, h2, None, w)
+    weighted = [lambda z1, z2, y, w=None: losses.barlow_twins(z1, z2, weight=w)] * 4
+    router = routing.Router(6, 4, "below", 0.5, torch.device("cpu"))
+    router.record(torch.arange(6), torch.arange(6).float())  # image 0 the easiest
+    routed = routing.Routed(train.head_losses(model, weighted), router, model.pool_trunk)
+    routed.batch([(0, i, 0) for i in range(6)])
+    h1, h2 = (torch.randn(6, 128, 4, 4, requires_grad=True) for _ in range(2))
+    loss = routed(1, h1, h2, None)
     loss.backward()
-    assert h1.grad[0].abs().max() == 0 and h1.grad[1:].abs().sum() > 0
-    plain = train.head_losses(model, BT4)(3, h1[1:], h2[1:], None)
+    assert h1.grad[:2].abs().max() == 0 and h1.grad[2:].abs().sum() > 0
+    plain = train.head_losses(model, BT4)(1, h1[2:], h2[2:], None)
     assert torch.allclose(loss, plain)
 
 
