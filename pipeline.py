@@ -27,17 +27,12 @@ import distributed
 import losses
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-REFUSED = (("mode", "sequential", "--mode sequential: each block trains alone, so there is nothing "
-            "to overlap; run it without --stages"),
-           ("route", "below", "--route: a batch's routing is measured at the last block and used by "
-            "every block, which would send it backward"),
-           ("route", "weight", "--route: a batch's routing is measured at the last block and used by "
-            "every block, which would send it backward"))
 
 
 def parse_stages(text, blocks):
-    """'1,234' -> [[0], [1, 2, 3]]: the 1-based blocks of each stage, consecutive and in order, all of
-    them once. `blocks`: the model's blocks (parse_blocks). Raises ValueError naming --stages."""
+    """'1,234' -> [[0], [1, 2, 3]]: the 1-based blocks of each stage, consecutive and in order,
+    all of them once. `blocks`: the model's blocks (parse_blocks). Raises ValueError naming
+    --stages."""
     n = len(blocks)
     try:
         stages = [[int(c) - 1 for c in group] for group in text.split(",")]
@@ -55,9 +50,12 @@ def parse_stages(text, blocks):
 
 def check(args, stages, world):
     """The options a pipeline refuses, in one line naming the flag and why; the process count."""
-    for flag, value, why in REFUSED:
-        if getattr(args, flag) == value:
-            raise ValueError(why)
+    if args.mode == "sequential":
+        raise ValueError("--mode sequential: each block trains alone, so there is nothing to "
+                         "overlap; run it without --stages")
+    if args.route != "none":
+        raise ValueError(f"--route {args.route}: a batch's routing is measured at the last block "
+                         "and used by every block, which would send it backward")
     if args.monitor_every:
         raise ValueError("--stages: the online monitors need every block in one process; pass "
                          "--monitor-every 0 and probe the checkpoint (probe.py)")
@@ -140,8 +138,8 @@ class Layout:
                                 for row in head.tolist()]
 
     def all_losses(self, values, trained, n):
-        """The losses of the blocks `trained` (of n) on every process: each stage's first replica gives
-        its own blocks' `values` (None: none yet), summed on the host group."""
+        """The losses of the blocks `trained` (of n) on every process: each stage's first replica
+        gives its own blocks' `values` (None: none yet), summed on the host group."""
         if self.depth == 1:
             return torch.zeros(len(trained)) if values is None else values
         full = torch.zeros(n, dtype=torch.float64)

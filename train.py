@@ -136,8 +136,8 @@ def get_args(argv=None):
       "instead of storing: heads = the CbE maps, all = those and every residual unit")
     a("--print-freq", type=cli.POSITIVE_INT, default=50, help="steps between progress lines (and "
       "at least one every 30 s)")
-    a("--stages", default="", help="blocks on separate devices (pipeline.py, README): the blocks of "
-      "each pipeline stage, e.g. 1,234 or 1,2,3,4; under torchrun the processes form the stages x "
+    a("--stages", default="", help="blocks on separate devices (pipeline.py, README): the blocks "
+      "of each pipeline stage, e.g. 1,234 or 1,2,3,4; under torchrun the processes form stages x "
       "replicas, stage = rank // replicas. Exactly the simultaneous run")
     a("--timeout", type=cli.POSITIVE, default=10.0, help="minutes a process waits for the others "
       "before the run stops with an error (a stalled or lost process)")
@@ -235,14 +235,14 @@ def head_losses(model, loss_fns):
 
 
 def train_step(model, y1, y2, labels, block_loss, owners, bf16=False):
-    """One step of Algorithm 1 on two views y1, y2, lean in memory: block k's loss is back-propagated
-    as soon as block k has run, so its graph is freed before block k+1 starts (the released code
-    runs every forward first). The gradients are those of the sum of the block losses, since no
-    loss reaches another block. `owners`: for each block that learns, in order, the parameters
-    whose gradient is final after its backward (grad_owners); other blocks only feed the next one.
-    The blocks run are the model's (from `model.first`: y1, y2 are then that block's inputs, to
-    `model.last`, or the last that learns). Returns the detached loss of each block that learns,
-    and the last block's two outputs."""
+    """One step of Algorithm 1 on two views y1, y2, lean in memory: block k's loss is
+    back-propagated as soon as block k has run, so its graph is freed before block k+1 starts
+    (the released code runs every forward first). The gradients are those of the sum of the
+    block losses, since no loss reaches another block. `owners`: for each block that learns, in
+    order, the parameters whose gradient is final after its backward (grad_owners); other blocks
+    only feed the next one. The blocks run are the model's (from `model.first`: y1, y2 are then
+    that block's inputs, to `model.last`, or the last that learns). Returns the detached loss of
+    each block that learns, and the last block's two outputs."""
     views = model.blockwise(y1, view=0), model.blockwise(y2, view=1)
     out, pending = [], []
     for k in range(model.first, max(owners) + 1 if model.last is None else model.last + 1):
@@ -312,6 +312,7 @@ class Run:
     steps: int                     # steps per epoch
     monitored: object              # the monitors' images (evaluation.monitor_sets), or None
     layout: pipeline.Layout        # this process's pipeline stage and replica (pipeline.py)
+    synced_bn: bool                # SyncBatchNorm (GPUs) keeps every process's statistics equal
 
 
 def main(args):
@@ -348,7 +349,8 @@ def prepare(args, device, layout):
         block_loss = routing.Routed(block_loss, router, model.pool_trunk)
     if distributed.rank() == 0:
         bookkeeping.check_free_space(args.out, model)
-    loader, local = training_loader(train_set, sets, args), args.batch_size // distributed.dp_world()
+    loader = training_loader(train_set, sets, args)
+    local = args.batch_size // distributed.dp_world()  # images per process (replica) and step
     steps = len(loader.sampler.epoch_keys(0)) // local
     if steps == 0:
         raise cli.Abort(f"--batch-size {args.batch_size} is larger than the {len(train_set)} "
@@ -358,7 +360,8 @@ def prepare(args, device, layout):
     return Run(args, log, os.path.join(args.out, "checkpoint.pth"), train_set, config, model,
                phases, block_loss, build_optimizer(model.parameters(), args), router,
                bookkeeping.fingerprint(train_set), args.epochs * len(phases), loader, local, steps,
-               monitored, layout)
+               monitored, layout,
+               any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()))
 
 
 def fit(run):
@@ -393,7 +396,7 @@ def train_one_epoch(run, trained, epoch, first):
     done, the failure or None, whether another process failed) when a stop signal or a failure in
     any process stopped the epoch early: every process stops at the same step. A pipeline stage s
     (pipeline.py) runs batch t - s at tick t; a stop lets the batches in flight finish. Losses are
-    checked for NaN at each progress line and at the end, not every step (that waits for the GPU)."""
+    checked for NaN at each progress line and at the end, not every step (it waits for the GPU)."""
     args, model, layout = run.args, run.model, run.layout
     set_trainable(model, trained)
     owners, feeds = grad_owners(model, trained), layout.stage == 0
@@ -434,16 +437,16 @@ def learn(run, owners, epoch, i, y1, y2, labels):
     block_losses, (h1, h2) = train_step(model, y1, y2, labels, run.block_loss, owners, args.bf16)
     scale_grads(model, args.grad_scale)
     optimizer.step()
-    if not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+    if not run.synced_bn:
         distributed.broadcast_buffers(model)  # plain BatchNorm (CPU) tracks its own images
     return block_losses, (h1, h2, labels)
 
 
 # ---------------------------------------------------------------- the rest: model, monitors, export
 
-def step_seed(seed, rank, epoch, step):
-    """The seed of the noise (§5) of one process at one step: a resumed run draws it again."""
-    return hash((seed, rank, epoch, step)) & 0xFFFF_FFFF
+def step_seed(seed, replica, epoch, step):
+    """A replica's seed of a step: §5's noise and masks, drawn per block (Blockwise.generator)."""
+    return hash((seed, replica, epoch, step)) & 0xFFFF_FFFF
 
 
 def scale_grads(model, scale):
