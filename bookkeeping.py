@@ -240,7 +240,7 @@ def export_trunk(model, state, args):
 
 # Flags a resumed run may change: they change neither the model nor its data, only how it is computed (README).
 RESUMABLE = {"epochs", "workers", "gpu_aug", "print_freq", "data", "out", "compile", "recompute", "channels_last",
-             "monitor_every", "monitor_images", "timeout", "device"}
+             "monitor_every", "monitor_images", "timeout", "device", "stages"}
 
 
 def check_resume(ckpt, config, args, data, path, total_epochs):

@@ -307,7 +307,7 @@ class Progress:
                 "no checkpoint was written"
             raise Abort(f"loss of block {trained[bad[0].item()] + 1} is not finite by epoch {self.epoch + 1} "
                         f"step {i + 1}; stopped, {kept}")
-        if not printed:
+        if not printed or i < self.first:  # a stop before this epoch's first step: nothing to show
             return
         self.shown, rate = time.time(), (i + 1 - self.first) * self.args.batch_size / (time.time() - self.t0)
         entry = dict(epoch=self.epoch, step=i + 1, lr=lr, loss=block_losses.tolist(), img_per_s=rate,

@@ -352,9 +352,6 @@ def prepare(args, device, layout):
     loader = training_loader(train_set, sets, args)
     local = args.batch_size // distributed.dp_world()  # images per process (replica) and step
     steps = len(loader.sampler.epoch_keys(0)) // local
-    if steps == 0:
-        raise cli.Abort(f"--batch-size {args.batch_size} is larger than the {len(train_set)} "
-                        "training images")
     monitored = monitor_sets(args.data, args.dataset, args.monitor_images, args.image_size,
                              args.seed) if args.monitor_every else None
     return Run(args, log, os.path.join(args.out, "checkpoint.pth"), train_set, config, model,
@@ -367,7 +364,10 @@ def prepare(args, device, layout):
 def fit(run):
     """Resume where the run stopped, run its epochs (each saved, then monitored), then trunk.pth."""
     args = run.args
-    start_epoch, start_step = bookkeeping.resume(run)
+    start_epoch, start_step = bookkeeping.resume(run)  # refuses another run's folder first
+    if run.steps == 0:
+        raise cli.Abort(f"--batch-size {args.batch_size} is larger than the {len(run.train_set)} "
+                        "training images")
     if distributed.rank() == 0:
         print(f"{args.arch}, blocks {run.model.blocks}, {args.mode}, {args.loss}, {args.pooling}; "
               f"{len(run.train_set)} images, {distributed.world()} process(es) on "
