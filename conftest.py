@@ -109,6 +109,31 @@ def probe_args(ckpt, data, *extra):
 
 
 
+def float64_run(data, out, *extra, nproc=1):
+    """A 2-epoch run in float64 (BLOCKWISE_FLOAT64, for tests only), in `nproc` processes."""
+    argv = ["train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--batch-size", "8",
+            "--monitor-every", "0", *extra]
+    env = {**os.environ, "BLOCKWISE_FLOAT64": "1", "OMP_NUM_THREADS": "1"}
+    r = torchrun(*argv, nproc=nproc, env=env) if nproc > 1 else \
+        subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_float64_run(a, b):
+    """The same per-block losses at every step and the same final weights and LARS momentum, to rounding."""
+    la, lb = ([(e["epoch"], e["step"], e["loss"]) for e in step_log(out)] for out in (a, b))
+    assert [s[:2] for s in la] == [s[:2] for s in lb] and la  # --print-freq 1: every step, once
+    assert np.allclose([s[2] for s in la], [s[2] for s in lb], rtol=1e-10, atol=0)
+    wa, wb = weights(a), weights(b)
+    assert wa["model"].keys() == wb["model"].keys() and wa["epoch"] == wb["epoch"]
+    for k in wa["model"]:
+        assert torch.allclose(wa["model"][k].double(), wb["model"][k].double(), rtol=1e-10, atol=1e-12), k
+    sa, sb = wa["optimizer"]["state"], wb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.allclose(sa[i]["mu"], sb[i]["mu"], rtol=1e-10, atol=1e-12)
+                                          for i in sa)
+
+
 # ---------------- fixtures: a tiny trained run, the reference run of the resume tests
 
 @pytest.fixture(scope="module")

@@ -161,6 +161,28 @@ def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
+def test_a_pipelined_run_stopped_mid_epoch_resumes_in_one_process(tmp_path):
+    """A 2-stage run (--stages 1,234) whose stage 1 gets SIGTERM mid-epoch lets its batches in flight finish,
+    saves the one-process checkpoint and exits 0; rerun in one process without --stages, it ends as the run that
+    was never stopped (float64, rtol 1e-10)."""
+    data = image_folder(tmp_path / "data", per_class=16)  # 4 steps an epoch
+    float64_run(data, tmp_path / "ref")
+    out = str(tmp_path / "pipe")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", data, "--out", out, *SMALL, "--epochs", "2", "--batch-size", "8", "--monitor-every", "0",
+           "--stages", "1,234"]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "BLOCKWISE_FLOAT64": "1", "OMP_NUM_THREADS": "1"})
+    wait_for_step(p, out)
+    os.kill(rank_pid(out, 1), signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0 and "another process was signalled: saved" in stdout, stderr[-3000:]
+    stopped = weights(out)
+    assert (stopped["epoch"], stopped["step"]) != (2, 0)
+    float64_run(data, out)  # one process resumes it
+    assert_same_float64_run(tmp_path / "ref", out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(reference, tmp_path, sig):
     """Preemption (scancel signals the whole process group) or one Ctrl-C, with 2 data-loading workers that get
