@@ -186,24 +186,26 @@ def worker_died(e):
 
 # ---------------------------------------------------------------- the entry point
 
+STAGE = ""  # " (stage s)" in a pipeline (pipeline.py): error lines name the process's stage too
+
+
 def run(main, argv, prog, interrupted="the last checkpoint.pth is kept"):
     """Entry point of train.py, probe.py and bench.py: bad input and failed runs end with one line on stderr and
     exit code 2; under torchrun every failing rank says so, naming itself, and the other ranks stop too."""
-    who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ else ""
     code = 0
     try:
         main(argv)
     except (Abort, ValueError, OSError) as e:
-        code = say(f"{prog}: error: {who}{one_line(e)}", 2)
+        code = say(f"{prog}: error: {who()}{one_line(e)}", 2)
     except RuntimeError as e:
         if not peer_failure(e):
             raise  # a bug: keep its traceback
-        code = say(f"{prog}: error: {who}stopped: another process failed or did not answer within --timeout "
+        code = say(f"{prog}: error: {who()}stopped: another process failed or did not answer within --timeout "
                    f"({one_line(e)[:200]})", 2)
     except KeyboardInterrupt:
-        code = say(f"{prog}: {who}interrupted by a second Ctrl-C; {interrupted}", 130)
+        code = say(f"{prog}: {who()}interrupted by a second Ctrl-C; {interrupted}", 130)
     except Stopped as e:  # args: the signal, and what was kept if the program says
-        code = say(f"{prog}: {who}stopped by {signal.Signals(e.args[0]).name}; {(e.args[1:] or (interrupted,))[0]}",
+        code = say(f"{prog}: {who()}stopped by {signal.Signals(e.args[0]).name}; {(e.args[1:] or (interrupted,))[0]}",
                    128 + e.args[0])
     finally:
         distributed.close()
@@ -212,6 +214,12 @@ def run(main, argv, prog, interrupted="the last checkpoint.pth is kept"):
             child.join()
     if code:  # outside the except blocks: the failed frames, and the workers' iterators, are freed first
         sys.exit(code)
+
+
+def who():
+    """Under torchrun, the process that speaks: "rank 3: ", or "rank 3 (stage 1): " in a pipeline."""
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ
+    return f"rank {os.environ['RANK']}{STAGE}: " if several else ""
 
 
 def say(message, code):

@@ -216,6 +216,8 @@ def check_replicas(model):
     all_reduce(bad)
     if bad:
         raise ValueError(f"the weights of {int(bad)} rank(s) differ from rank 0's")
+    if DP is not None:  # pipeline.py
+        return f"the {dp_world()} replica(s) of every stage hold identical weights"
     return f"all {world()} ranks hold identical weights"
 
 

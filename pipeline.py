@@ -23,6 +23,7 @@ which also opens NCCL's lazy connections before the first step.
 import torch
 import torch.distributed as dist
 
+import cli
 import distributed
 import losses
 
@@ -77,6 +78,7 @@ class Layout:
         self.next = rank + self.replicas if self.stage + 1 < self.depth else None
         self.known = {}  # the header of each stream: shape and dtype, set by the first exchange
         if self.depth > 1:
+            cli.STAGE = f" (stage {self.stage})"  # every one-line error names it
             self.join()
 
     def join(self):

@@ -525,12 +525,15 @@ def rank_pid(marker, rank):
             return int(pid)
 
 
-def test_a_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
-    """Rank 1 frozen (SIGSTOP): rank 0 gives up after --timeout (6 s here) with one line, instead of hanging."""
+@pytest.mark.parametrize("stages", [[], ["--stages", "1,234", "--monitor-every", "0"]], ids=["replicas", "stages"])
+def test_a_stalled_rank_stops_the_run_within_the_timeout(tmp_path, stages):
+    """Rank 1 frozen (SIGSTOP): rank 0 gives up after --timeout (6 s here) with one line, instead of hanging; in a
+    pipeline the line names its stage too."""
     data = image_folder(tmp_path / "data", per_class=16)
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--data", data, "--out", out, *SMALL, "--batch-size", "8", "--epochs", "20", "--timeout", "0.1"]
+           "--data", data, "--out", out, *SMALL, "--batch-size", "8", "--epochs", "20", "--timeout", "0.1",
+           *stages]
     p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not os.path.exists(os.path.join(out, "log.jsonl")) and p.poll() is None:
@@ -545,7 +548,8 @@ def test_a_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
         with contextlib.suppress(Exception):
             os.kill(stalled, signal.SIGKILL)
         stderr = p.communicate(timeout=120)[1]
-    assert "train.py: error: rank 0: stopped: another process failed or did not answer within --timeout" in stderr
+    who = "rank 0 (stage 0): " if stages else "rank 0: "
+    assert f"train.py: error: {who}stopped: another process failed or did not answer within --timeout" in stderr
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
