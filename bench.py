@@ -18,6 +18,8 @@ steps (compilation included) come before the peak-memory reset and the timed ste
 device's dense matmul rate in the step's precision: bf16, or fp32 as train.py runs it (TF32 on GPUs).
 """
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -83,6 +85,10 @@ def get_args(argv=None):
       f"on CPU (about 7 minutes here): {', '.join(DEFAULT_CPU)}: bf16 has no fast CPU kernels without "
       "AVX512-BF16/AMX, and channels-last did not win here. --loop: the one configuration whose flags train.py "
       "gets (default: ours bf16 compile on GPU, ours fp32 compile on CPU)")
+    a("--layouts", action="store_true", help="blocks on separate devices (pipeline.py): each block's cost, the "
+      "best split into 2 stages, then train.py's loop, one thread per process, in one process, 2 data-parallel "
+      "processes and 2 pipeline stages: images/s, each process's peak memory and where a stage's time goes "
+      "(--dataset, --data, --loop-steps as --loop)")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
     a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
@@ -233,6 +239,8 @@ def main(args):
         return print(json.dumps(worker(args, args.worker)))
     if args.loop:
         return loop(args)
+    if args.layouts:
+        return layouts(args)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows, cuda, failed = [], torch.cuda.is_available(), []
     names = (list(CONFIGS) if args.configs == "all" else args.configs.split(",")) if args.configs else \
@@ -357,6 +365,104 @@ def loop(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), **r, env=bookkeeping.environment()), f, indent=1)
+
+
+# ---------------------------------------------------------------- blocks on separate devices (pipeline.py)
+
+def block_costs(args, reps=3):
+    """Seconds of one forward + backward of each block (trunk, head, projector, Barlow Twins), both views, and its
+    FLOPs, in this process on one thread, at the batch one process of 2 would hold."""
+    torch.set_num_threads(1)
+    model, _, _ = setup(argparse.Namespace(**{**vars(args), "batch_size": args.batch_size // 2}), "ours", {})
+    y = torch.randn(args.batch_size // 2, 3, args.image_size, args.image_size)
+    block_loss = train.head_losses(model, [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * len(model.blocks))
+    seconds, flops = [0.0] * len(model.blocks), [0.0] * len(model.blocks)
+    for rep in range(reps + 1):  # the first is a warm-up, and counts the FLOPs
+        views = model.blockwise(y, 0), model.blockwise(y, 1)
+        for k in range(len(model.blocks)):
+            with FlopCounterMode(display=False) if rep == 0 else contextlib.nullcontext() as counter:
+                t = time.perf_counter()
+                block_loss(k, next(views[0]), next(views[1]), None).backward()
+                seconds[k] += (time.perf_counter() - t) / reps if rep else 0
+            if rep == 0:
+                flops[k] = counter.get_total_flops()
+    return seconds, flops
+
+
+def best_split(costs, stages):
+    """The split of the blocks into `stages` consecutive groups whose costliest stage costs least (--stages)."""
+    n = len(costs)
+    splits = [c for c in itertools.combinations(range(1, n), stages - 1)]
+    groups = [[list(range(a, b)) for a, b in zip((0, *cut), (*cut, n))] for cut in splits]
+    return min(groups, key=lambda g: max(sum(costs[k] for k in s) for s in g))
+
+
+def layout_run(args, name, nproc, extra):
+    """train.py's loop in `nproc` processes of one thread: images/s after the warm-up, each process's peak RSS
+    (VmHWM, MiB) and its stdout (pipeline.py's time lines)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = ["train.py", "--dataset", args.dataset, "--data", args.data, "--arch", args.arch, "--image-size",
+               str(args.image_size), "--batch-size", str(args.batch_size), "--projector", args.projector,
+               "--head-dim", str(args.head_dim), "--workers", "0", "--epochs", "1", "--warmup-epochs", "0",
+               "--print-freq", "1", "--monitor-every", "0", "--no-compile", "--device", "cpu", "--limit",
+               str((3 + args.loop_steps) * args.batch_size), "--out", out, *extra]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        p = subprocess.Popen(launch + cmd, cwd=os.path.dirname(os.path.abspath(__file__)), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks = {}
+        while p.poll() is None:
+            for pid, rank in workers(out):
+                with contextlib.suppress(OSError, StopIteration):
+                    line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmHWM"))
+                    peaks[rank] = max(peaks.get(rank, 0), int(line.split()[1]) / 1024)
+            time.sleep(0.2)
+        stdout, stderr = p.communicate()
+        if p.returncode:
+            raise Abort(f"{name} failed: {stderr.strip().splitlines()[-1]}")
+        t = [e["time"] for e in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "time" in e]
+    return dict(layout=name, img_per_s=(len(t) - 3) * args.batch_size / (t[-1] - t[2]),
+                peak_mib=[peaks[r] for r in sorted(peaks)], times=[x for x in stdout.splitlines() if "waiting" in x])
+
+
+def workers(marker):
+    """(pid, rank) of the train.py processes whose command line holds `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            if marker.encode() in cmd and b"distributed.run" not in cmd:
+                pairs = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                env = dict(v.split(b"=", 1) for v in pairs if b"=" in v)
+                yield int(pid), int(env.get(b"RANK", b"0"))
+
+
+def layouts(args):
+    """Blocks on separate devices against data parallelism on this machine (README, docs/performance.md)."""
+    seconds, flops = block_costs(args)
+    split = best_split(seconds, 2)
+    stages = ",".join("".join(str(k + 1) for k in s) for s in split)
+    cost = [sum(seconds[k] for k in s) for s in split]
+    for k, (s, f) in enumerate(zip(seconds, flops)):
+        print(f"block {k + 1}: {s * 1000:7.1f} ms forward + backward (both views, {args.batch_size // 2} images), "
+              f"{f / 1e9:6.2f} GFLOP", flush=True)
+    print(f"best 2-stage split --stages {stages}: stage costs {' '.join(f'{c * 1000:.0f}' for c in cost)} ms, "
+          f"max/mean {max(cost) / (sum(cost) / 2):.2f}", flush=True)
+    state = sum(p.numel() * 4 * 3 for p in setup(args, "ours", {})[0].parameters()) / 2 ** 20  # fp32 w + g + mu
+    rows = [layout_run(args, "1 process, 1 thread", 1, []),
+            layout_run(args, "2 data-parallel processes", 2, []),
+            layout_run(args, f"2 pipeline stages (--stages {stages})", 2, ["--stages", stages])]
+    for r in rows:
+        print(f"{r['layout']:42s} {r['img_per_s']:7.1f} img/s  peak RSS per process "
+              + " ".join(f"{m:.0f}" for m in r["peak_mib"]) + " MiB", flush=True)
+        for line in r["times"]:
+            print("    " + line)
+    dp, pipe, one = rows[1]["img_per_s"], rows[2]["img_per_s"], rows[0]["img_per_s"]
+    print(f"pipeline / data parallel: x{pipe / dp:.2f}; pipeline / one process: x{pipe / one:.2f}; the whole "
+          f"model's weights + gradients + LARS momentum: {state:.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), seconds=seconds, flops=flops, split=stages, rows=rows,
+                           env=bookkeeping.environment()), f, indent=1)
 
 
 if __name__ == "__main__":

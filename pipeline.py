@@ -20,6 +20,8 @@ and waits for it before computing, so no point-to-point traffic is in flight bes
 all-reduces; shapes and dtypes travel once, in a header exchange before a stage's first payload,
 which also opens NCCL's lazy connections before the first step.
 """
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -50,7 +52,10 @@ def parse_stages(text, blocks):
 
 
 def check(args, stages, world):
-    """The options a pipeline refuses, in one line naming the flag and why; the process count."""
+    """The options a pipeline refuses, in one line naming the flag and why; the process count. Nothing
+    to check without `stages`."""
+    if not stages:
+        return
     if args.mode == "sequential":
         raise ValueError("--mode sequential: each block trains alone, so there is nothing to "
                          "overlap; run it without --stages")
@@ -77,6 +82,7 @@ class Layout:
         self.prev = rank - self.replicas if self.stage else None
         self.next = rank + self.replicas if self.stage + 1 < self.depth else None
         self.known = {}  # the header of each stream: shape and dtype, set by the first exchange
+        self.t0, self.waited = None, [0.0, 0.0]  # since the first exchange: s waiting to receive, to send
         if self.depth > 1:
             cli.STAGE = f" (stage {self.stage})"  # every one-line error names it
             self.join()
@@ -117,9 +123,22 @@ class Layout:
             ops += [dist.P2POp(dist.irecv, t, self.prev) for t in got]
         if out is not None:
             ops += [dist.P2POp(dist.isend, t.contiguous(), self.next) for t in out]
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
+        self.t0 = self.t0 or time.perf_counter()
+        works, received = dist.batch_isend_irecv(ops) if ops else [], len(got or [])
+        for j, part in enumerate((works[:received], works[received:])):  # bench.py: where time goes
+            t = time.perf_counter()
+            for work in part:
+                work.wait()
+            self.waited[j] += time.perf_counter() - t
         return got
+
+    def report(self):
+        """One line per process (pipeline only): where its time since the first exchange went."""
+        if self.depth > 1 and self.t0:
+            total = time.perf_counter() - self.t0
+            print(f"rank {distributed.rank()} (stage {self.stage}, replica {self.replica}): {total:.1f} s, "
+                  f"waiting to receive {self.waited[0]:.1f} s, waiting for its send {self.waited[1]:.1f} s, "
+                  f"the rest {total - sum(self.waited):.1f} s", flush=True)
 
     def headers(self, out, into):
         """Each tensor's dtype and shape (up to 6 dims), 8 integers a tensor, 3 tensors."""

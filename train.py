@@ -321,8 +321,7 @@ def main(args):
     if os.environ.get("BLOCKWISE_FLOAT64") == "1":  # for tests only: exactness to rounding
         torch.set_default_dtype(torch.float64)
     stages = pipeline.parse_stages(args.stages, parse_blocks(args.blocks)) if args.stages else None
-    if stages:
-        pipeline.check(args, stages, distributed.world())
+    pipeline.check(args, stages, distributed.world())
     cli.check_train_args(args, distributed.world() // len(stages or [0]))
     layout = pipeline.Layout(stages)
     with bookkeeping.prepare_out(args.out):  # rank 0 holds the folder's lock until the run ends
@@ -388,6 +387,7 @@ def fit(run):
             return cli.report_stop(*stopped, epoch, run.path)
         if run.monitored and (epoch + 1) % args.monitor_every == 0:
             log_monitors(epoch, run)
+    run.layout.report()  # pipeline.py: where each stage's time went
     bookkeeping.export_trunk(run.model, run.layout.gather_state(run.model, run.optimizer), args)
 
 
