@@ -71,8 +71,8 @@ def check(args, stages, world):
 
 
 class Layout:
-    """This process's place: its stage (`blocks`), its replica, its neighbours' ranks; one stage of
-    one replica when there is no pipeline."""
+    """This process's place: its stage, its replica, its neighbours' ranks; without a pipeline, one
+    stage whose replicas are all the processes."""
 
     def __init__(self, stages=None):
         self.stages = stages or [None]
@@ -173,15 +173,15 @@ class Layout:
         """Rank 0: the whole model's state_dict and optimizer state, as one process holds them (the
         stages' first replicas send theirs, host group); None elsewhere. The optimizer is built over
         every parameter (those on meta too), so its indices are a one-process run's."""
-        mine = {k: v.detach().cpu() for k, v in model.state_dict().items() if not v.is_meta}
-        opt = optimizer.state_dict()
         if self.depth == 1:
-            return (model.state_dict(), opt) if distributed.rank() == 0 else None
-        opt = dict(opt, state={i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                               for i, s in opt["state"].items()})
+            return (model.state_dict(), optimizer.state_dict()) if distributed.rank() == 0 else None
+        opt, mine = optimizer.state_dict(), None
+        if self.replica == 0:  # the other replicas hold the same
+            mine = ({k: v.detach().cpu() for k, v in model.state_dict().items() if not v.is_meta},
+                    dict(opt, state={i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                                     for i, s in opt["state"].items()}))
         parts = [None] * distributed.world() if distributed.rank() == 0 else None
-        dist.gather_object((mine, opt) if self.replica == 0 else None, parts, dst=0,
-                           group=distributed.CONTROL)
+        dist.gather_object(mine, parts, dst=0, group=distributed.CONTROL)
         if distributed.rank():
             return None
         parts = [p for p in parts if p is not None]
