@@ -1015,15 +1015,28 @@ def test_collectives_are_issued_in_one_place():
 @pytest.mark.parametrize("stages,nproc,extra", [("1,234", 2, []), ("1,2,3,4", 4, []), ("12,34", 2, VIT_MASKED),
                                                 ("1,23", 2, ["--blocks", "12,3,4", "--frozen", "1"])],
                          ids=["2-stages", "4-stages", "vit-masked", "merged-frozen"])
-def test_a_pipeline_is_the_one_process_run(tmp_path, stages, nproc, extra):
+def test_a_pipeline_is_the_one_process_run(one_process_runs, tmp_path, stages, nproc, extra):
     """Stage s runs batch t - s at tick t and sends its last block's noised outputs forward: every block sees batch
     b with its weights after b updates, so the run is the one-process simultaneous run (float64, rtol 1e-10)."""
-    data = image_folder(tmp_path / "data", per_class=8)  # 2 steps an epoch
-    float64_run(data, tmp_path / "one", *extra)
+    data, one = one_process_runs(*extra)
     float64_run(data, tmp_path / "pipe", "--stages", stages, *extra, nproc=nproc)
-    assert_same_float64_run(tmp_path / "one", tmp_path / "pipe")
+    assert_same_float64_run(one, tmp_path / "pipe")
     trunk = torch.load(tmp_path / "pipe" / "trunk.pth", weights_only=True)
-    assert all(torch.equal(v, weights(tmp_path / "one")["model"].get(k, v)) for k, v in trunk.items())
+    assert all(torch.equal(v, weights(one)["model"].get(k, v)) for k, v in trunk.items())
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """The one-process float64 run with some flags (each made once), on 16 images: 2 steps an epoch."""
+    root, made = tmp_path_factory.mktemp("one"), {}
+
+    def run(*extra):
+        if extra not in made:
+            out = root / f"run{len(made)}"
+            made[extra] = image_folder(root / "data", per_class=8), out
+            float64_run(made[extra][0], out, *extra)
+        return made[extra]
+    return run
 
 
 def test_two_stages_of_two_replicas_are_two_data_parallel_processes(tmp_path):
