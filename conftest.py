@@ -134,6 +134,42 @@ def assert_same_float64_run(a, b):
                                           for i in sa)
 
 
+def wait_for_step(p, out):
+    """Until the run `p` has logged its first training step (or ended)."""
+    while p.poll() is None and not (os.path.exists(os.path.join(out, "log.jsonl")) and step_log(out)):
+        time.sleep(0.01)
+
+
+def stop_run(cmd, out, sig, moment="step", group=False, env=None):
+    """The stop-and-resume tests' first half: start `cmd --out out`; wait for `moment` ("step": its first logged
+    step; else a file name pattern in `out`, e.g. "checkpoint.pth", watched without sleeping: a checkpoint's
+    temporary file lives for milliseconds); send `sig` (to the whole process group with `group`; a function is
+    called with the process instead). A SIGKILL must kill it; any other stop must save and exit 0. Returns the
+    run's stdout."""
+    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=group, env=env)
+    if moment == "step":
+        wait_for_step(p, out)
+    while moment != "step" and p.poll() is None and not (os.path.isdir(out) and fnmatch.filter(os.listdir(out),
+                                                                                                  moment)):
+        pass
+    if callable(sig):
+        sig(p)
+    else:
+        os.killpg(p.pid, sig) if group else p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=300)
+    if sig == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:
+        assert p.returncode == 0 and "saved" in stdout, stderr[-3000:]
+    return stdout
+
+
+def resume_run(cmd, out):
+    """The second half: rerun the same command to its end."""
+    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+
+
 # ---------------- fixtures: a tiny trained run, the reference run of the resume tests
 
 @pytest.fixture(scope="module")

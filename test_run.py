@@ -127,12 +127,6 @@ def test_a_symlink_loop_counts_each_image_once(tmp_path):
 
 
 
-def wait_for_step(p, out):
-    """Until the run `p` has logged its first training step (or ended)."""
-    while p.poll() is None and not (os.path.exists(os.path.join(out, "log.jsonl")) and step_log(out)):
-        time.sleep(0.01)
-
-
 def assert_same_run(a, b):
     assert b["epoch"] == 2 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     momenta = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -143,18 +137,12 @@ def assert_same_run(a, b):
 def test_killed_run_resumes_exactly(reference, tmp_path, moment):
     cmd, ref = reference
     out = tmp_path / "out"
-    files = {"during-checkpoint-write": "checkpoint.pth.*.tmp", "after-first-epoch": "checkpoint.pth"}
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
-    if moment == "mid-epoch":
-        wait_for_step(p, out)
-    while p.poll() is None and moment in files and not (out.exists() and fnmatch.filter(os.listdir(out),
-                                                                                       files[moment])):
-        pass  # busy-wait: a checkpoint write lasts only milliseconds
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    files = {"mid-epoch": "step", "during-checkpoint-write": "checkpoint.pth.*.tmp",
+             "after-first-epoch": "checkpoint.pth"}
+    stop_run(cmd, out, signal.SIGKILL, files[moment])
     if moment == "after-first-epoch":
         assert weights(out)["epoch"] == 1
-    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    resume_run(cmd, out)
     assert_same_run(ref, weights(out))
     missing, unexpected = torchvision.models.resnet18().load_state_dict(
         torch.load(out / "trunk.pth", weights_only=True), strict=False)
@@ -169,14 +157,10 @@ def test_a_pipelined_run_stopped_mid_epoch_resumes_in_one_process(tmp_path):
     float64_run(data, tmp_path / "ref")
     out = str(tmp_path / "pipe")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--data", data, "--out", out, *SMALL, "--epochs", "2", "--batch-size", "8", "--monitor-every", "0",
-           "--stages", "1,234"]
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "BLOCKWISE_FLOAT64": "1", "OMP_NUM_THREADS": "1"})
-    wait_for_step(p, out)
-    os.kill(rank_pid(out, 1), signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 0 and "another process was signalled: saved" in stdout, stderr[-3000:]
+           "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", "--monitor-every", "0", "--stages", "1,234"]
+    stdout = stop_run(cmd, out, lambda p: os.kill(rank_pid(out, 1), signal.SIGTERM),
+                      env={**os.environ, "BLOCKWISE_FLOAT64": "1", "OMP_NUM_THREADS": "1"})
+    assert "another process was signalled: saved" in stdout
     stopped = weights(out)
     assert (stopped["epoch"], stopped["step"]) != (2, 0)
     float64_run(data, out)  # one process resumes it
@@ -191,14 +175,9 @@ def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(referen
     cmd, ref = reference
     cmd = cmd + ["--workers", "2"]
     out = tmp_path / "out"
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    wait_for_step(p, out)
-    os.killpg(p.pid, sig)
-    stdout, stderr = p.communicate()
-    assert p.returncode == 0 and f"{sig.name}: saved" in stdout, stderr[-2000:]
+    assert f"{sig.name}: saved" in stop_run(cmd, out, sig, group=True)
     assert weights(out)["step"] > 0  # saved in the middle of an epoch
-    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    resume_run(cmd, out)
     assert_same_run(ref, weights(out))
 
 
@@ -206,13 +185,8 @@ def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(referen
 def test_slurm_warning_and_hangup_save_like_sigterm(reference, tmp_path, sig):
     cmd, ref = reference
     out = tmp_path / "out"
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    wait_for_step(p, out)
-    p.send_signal(sig)
-    stdout, stderr = p.communicate()
-    assert p.returncode == 0 and f"{sig.name}: saved" in stdout, stderr[-2000:]
-    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert f"{sig.name}: saved" in stop_run(cmd, out, sig)
+    resume_run(cmd, out)
     assert_same_run(ref, weights(out))
 
 
@@ -225,16 +199,10 @@ def test_routed_adaptive_and_masked_runs_resume_exactly(tmp_path, extra):
     resumes bit for bit."""
     data = image_folder(tmp_path / "data", per_class=16)
     cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", *extra]
-    subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=HERE, check=True, capture_output=True)
+    resume_run(cmd, tmp_path / "full")  # the uninterrupted run
     out = tmp_path / "out"
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    while p.poll() is None and not (out / "checkpoint.pth").exists():
-        time.sleep(0.01)
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate()
-    assert p.returncode == 0 and "SIGTERM: saved" in stdout, stderr[-2000:]
-    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    assert "SIGTERM: saved" in stop_run(cmd, out, signal.SIGTERM, "checkpoint.pth")
+    resume_run(cmd, out)
     a, b = weights(tmp_path / "full"), weights(out)
     assert_same_run(a, b)
     assert "router" not in a or torch.equal(a["router"], b["router"])
@@ -244,14 +212,10 @@ def test_gpu_aug_run_resumes_exactly(reference, tmp_path):
     """--gpu-aug (on CPU here, the same code): killed after its first epoch, the run resumes bit for bit."""
     cmd, _ = reference
     cmd = cmd + ["--gpu-aug"]
-    subprocess.run(cmd + ["--out", str(tmp_path / "full")], cwd=HERE, check=True, capture_output=True)
+    resume_run(cmd, tmp_path / "full")  # the uninterrupted run
     out = tmp_path / "out"
-    p = subprocess.Popen(cmd + ["--out", str(out)], cwd=HERE, stdout=subprocess.DEVNULL)
-    while p.poll() is None and not (out / "checkpoint.pth").exists():
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    subprocess.run(cmd + ["--out", str(out)], cwd=HERE, check=True, capture_output=True)
+    stop_run(cmd, out, signal.SIGKILL, "checkpoint.pth")
+    resume_run(cmd, out)
     assert_same_run(weights(tmp_path / "full"), weights(out))
 
 
