@@ -447,18 +447,26 @@ def layouts(args):
               f"{f / 1e9:6.2f} GFLOP", flush=True)
     print(f"best 2-stage split --stages {stages}: stage costs {' '.join(f'{c * 1000:.0f}' for c in cost)} ms, "
           f"max/mean {max(cost) / (sum(cost) / 2):.2f}", flush=True)
-    state = sum(p.numel() * 4 * 3 for p in setup(args, "ours", {})[0].parameters()) / 2 ** 20  # fp32 w + g + mu
+    model = setup(args, "ours", {})[0]
+    state = [sum(p.numel() * 4 * 3 for k in s for m in model.block_modules(k) for p in m.parameters()) / 2 ** 20
+             for s in split]  # fp32 weights, gradients, LARS momentum of each stage
+    runtime = float(subprocess.run([sys.executable, "-c", "import train; print(next(x for x in open("
+                                    "'/proc/self/status') if x.startswith('VmHWM')).split()[1])"],
+                                   cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                   text=True).stdout) / 1024  # the process before any tensor
     rows = [layout_run(args, "1 process, 1 thread", 1, []),
             layout_run(args, "2 data-parallel processes", 2, []),
             layout_run(args, f"2 pipeline stages (--stages {stages})", 2, ["--stages", stages])]
-    for r in rows:
-        print(f"{r['layout']:42s} {r['img_per_s']:7.1f} img/s  peak RSS per process "
-              + " ".join(f"{m:.0f}" for m in r["peak_mib"]) + " MiB", flush=True)
+    print(f"peak RSS per process, as weights + gradients + LARS momentum / the rest above the {runtime:.0f} MiB "
+          "of an idle train.py process (activations, the data, the allocator):")
+    for r, held in zip(rows, ([sum(state)], [sum(state)] * 2, state)):
+        r["state_mib"], r["runtime_mib"] = held, runtime
+        print(f"{r['layout']:42s} {r['img_per_s']:7.1f} img/s  " + ", ".join(
+            f"{m:.0f} MiB = {s:.0f} / {m - runtime - s:.0f}" for m, s in zip(r["peak_mib"], held)), flush=True)
         for line in r["times"]:
             print("    " + line)
     dp, pipe, one = rows[1]["img_per_s"], rows[2]["img_per_s"], rows[0]["img_per_s"]
-    print(f"pipeline / data parallel: x{pipe / dp:.2f}; pipeline / one process: x{pipe / one:.2f}; the whole "
-          f"model's weights + gradients + LARS momentum: {state:.0f} MiB")
+    print(f"pipeline / data parallel: x{pipe / dp:.2f}; pipeline / one process: x{pipe / one:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), seconds=seconds, flops=flops, split=stages, rows=rows,
