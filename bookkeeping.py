@@ -210,11 +210,12 @@ def model_config(args, num_classes):
 
 def build(config, args, device, frozen=()):
     """The model, with the same initial weights in every process (seeded; --init fills the --frozen
-    blocks), on its device, SyncBatchNorm on GPUs under torchrun, the --recompute mode, compiled
+    blocks), on its device, BatchNorm over the global batch under torchrun (distributed.py), the
+    --recompute mode, compiled
     heads, and the ViT's masks of §6 (--mask)."""
     model = network(config, args.seed, frozen, args.init)
-    if device.type == "cuda" and distributed.active():
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, distributed.DP)  # GPU-only
+    if distributed.active():
+        distributed.sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if args.channels_last else
              torch.contiguous_format)
     model.mask = masks(args.mask, args.mask_views, len(model.blocks))

@@ -18,6 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
+import losses
+
 DEVICE = torch.device("cpu")  # the default group's device, set by setup()
 GRADS = CONTROL = None
 DP = None  # the data-parallel group: every process (None), or one pipeline stage's replicas
@@ -193,15 +195,61 @@ def unflatten_into(flat, tensors):
         offset += t.numel()
 
 
-def broadcast_buffers(model):
-    """BatchNorm running statistics from rank 0 to all, in one message, as DDP's broadcast_buffers does. Needed
-    with plain BatchNorm (CPU), where each rank tracks the statistics of its own images; SyncBatchNorm (GPU)
-    tracks the global batch's on every rank already."""
-    bufs = [b for b in model.buffers() if b.is_floating_point() and not b.is_meta]
-    if active() and bufs:
-        flat = torch.cat([b.flatten() for b in bufs])
-        broadcast(flat, dp_first(), DP)
-        unflatten_into(flat, bufs)
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of the data-parallel group (§3.4: the paper's batch of 2048 is
+    spread over its GPUs): one all-reduce of each channel's count, sum and sum of squares per layer,
+    on GPUs and CPUs alike, and no host synchronisation (torch's SyncBatchNorm waits for the host
+    once per layer to leave out empty processes). A process may hold no image (App. A's routing).
+    The backward is the all-reduce's own: the gradients of the sums, summed over the group, so that
+    outputs, gradients and running statistics are those of nn.BatchNorm on the concatenated batch.
+    Input (N, C, ...); in eval mode, or alone in its group, it is nn.BatchNorm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"BatchNorm expects an (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x):
+        if not (self.training and dp_world() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        c, dims, shape = x.shape[1], [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // c
+        xf = x.float() if x.element_size() < 4 else x  # half types: statistics in float32
+        # (an empty process's zeros still depend on x: its backward must all-reduce as the others do)
+        var, mean = torch.var_mean(xf, dims, correction=0) if n else (xf.sum(dims),) * 2
+        # float64 sums: E[x^2] - E[x]^2 without cancellation, from each process's own (mean, var)
+        mean, var = mean.double(), var.double()
+        count, s1, s2 = _summed(torch.stack([torch.full_like(mean, n), n * mean, n * (var + mean * mean)]))
+        mean = s1 / count
+        var = s2 / count - mean * mean
+        if self.track_running_stats:
+            self._track(mean.detach(), (var * count / (count - 1)).detach())
+        scale = (var + self.eps).rsqrt()
+        if self.affine:
+            scale = scale * self.weight
+        shift = (self.bias if self.affine else 0) - mean * scale
+        return (xf * scale.to(xf.dtype).view(shape) + shift.to(xf.dtype).view(shape)).to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean, unbiased_var):
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), m)
+
+
+@torch.compiler.disable  # a compiled head runs the collective eagerly, between two graphs
+def _summed(t):
+    return losses.all_reduce(t)  # autograd-aware, over losses.GROUP = DP
+
+
+def sync_batchnorm(model):
+    """Every BatchNorm of `model` made a SyncBatchNorm, in place. The class adds no state, so only the
+    class changes: parameters, buffers, state_dict keys and pipeline.py's meta blocks stay as they are."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.__class__ = SyncBatchNorm
+    return model
 
 
 def check_replicas(model):

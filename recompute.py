@@ -89,14 +89,15 @@ class LeanCbE(torch.autograd.Function):
     gradient g; so the forward stores s1 = sum_hw w and s2 = sum_hw w * y_hat per image and channel,
     and the backward knows both sums before it recomputes the conv one slice at a time.
     Costs two extra convolutions (one in the forward for BN's statistics, one in the backward).
-    Under SyncBatchNorm (GPU, several processes) the statistics and the two sums are all-reduced.
+    Under distributed.SyncBatchNorm (several processes) the statistics and the two sums are all-reduced.
     """
     CHUNKS = 8
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, head):
         conv, bn = head.expand[0], head.expand[1]
-        group = bn.process_group if isinstance(bn, nn.SyncBatchNorm) and distributed.active() else False
+        group = distributed.DP if isinstance(bn, distributed.SyncBatchNorm) and distributed.dp_world() > 1 \
+            else False
         ctx.conv = lambda xc, w: F.conv2d(xc, w, None, 1, conv.padding, 1, conv.groups)
         ctx.kind, ctx.group = head.kind, group
         device = x.device.type  # the backward recomputes the conv as the forward ran it, autocast or not

@@ -851,6 +851,25 @@ def synced_cbe_problem():
     return Pool(6, "cbe", 10).double().train(), x, g
 
 
+def synced_bn_cases():
+    """Modules whose BatchNorm distributed.SyncBatchNorm replaces, an input, an output gradient, and how
+    many of the 8 images the first of 2 processes holds (the second: the rest, perhaps none)."""
+    torch.manual_seed(0)
+    shift = torch.arange(6.0, dtype=torch.float64)[:, None, None] * 3  # means away from 0
+    x2d, x1d = torch.randn(8, 6, 3, 4, dtype=torch.float64) + shift, torch.randn(8, 5, dtype=torch.float64)
+    bn2d, bn1d = torch.nn.BatchNorm2d(6).double(), torch.nn.BatchNorm1d(5, momentum=None).double()
+    for bn in bn2d, bn1d:
+        torch.nn.init.uniform_(bn.weight, 0.5, 2)
+        torch.nn.init.uniform_(bn.bias, -1, 1)
+    head = Pool(6, "cbe", 10).double().train()
+    return {"bn2d": (bn2d, x2d, torch.randn_like(x2d), 5), "bn1d-empty-rank": (bn1d, x1d, torch.randn_like(x1d), 8),
+            "cbe-head": (head, x2d, torch.randn(8, 10, dtype=torch.float64), 4),
+            "compiled": (copy.deepcopy(bn2d), x2d, torch.randn_like(x2d), 3)}
+
+
+SYNCED_BN = synced_bn_cases()
+
+
 def dist_worker(out_dir):
     """Each of N ranks holds 8/N samples of the toy problem; it records its loss and its gradient
     after averaging over ranks, as DDP does."""
@@ -865,13 +884,22 @@ def dist_worker(out_dir):
         loss.backward()
         torch.distributed.all_reduce(w.grad)
         result[name] = dict(loss=loss.item(), grad=(w.grad / world).flatten().tolist())
-    head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced_cbe_problem()[0])  # CPU: only LeanCbE can run it
+    head = distributed.sync_batchnorm(synced_cbe_problem()[0])
     head.forward = functools.partial(recompute.lean_cbe, head)
     x, g = synced_cbe_problem()[1:]
     got = run_head(head, x[part], g[part])
     for t in got[2:5]:  # parameter gradients summed over ranks: the gradient of the full batch's sum
         torch.distributed.all_reduce(t)
     result["lean_cbe"] = [t.flatten().tolist() for t in got]
+    for case, (module, x, g, split) in SYNCED_BN.items():  # distributed.SyncBatchNorm, two steps
+        module = distributed.sync_batchnorm(module)
+        step = torch.compile(module) if case == "compiled" else module
+        part = slice(*((0, split), (split, len(x)))[rank])
+        for _ in range(2):
+            got = run_head(step, x[part], g[part])
+        for p in module.parameters():
+            torch.distributed.all_reduce(p.grad)
+        result[case] = [t.flatten().tolist() for t in got]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
@@ -896,58 +924,34 @@ def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
         ref[:2] = [t[part] for t in ref[:2]]
         for a, b in zip(got["lean_cbe"], ref):
             assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12)
+        # distributed.SyncBatchNorm over 2 processes = nn.BatchNorm on the 8 images: outputs and input
+        # gradients (this rank's rows), parameter gradients, running statistics, after two steps
+        for case, (module, x, g, split) in synced_bn_cases().items():
+            part = slice(*((0, split), (split, len(x)))[rank])
+            for _ in range(2):
+                ref = run_head(module, x, g)
+            ref[:2] = [t[part] for t in ref[:2]]
+            assert len(got[case]) == len(ref), case
+            for a, b in zip(got[case], ref):
+                assert np.allclose(a, b.detach().flatten().numpy(), rtol=1e-9, atol=1e-12), case
 
 
-@pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4"], ["--frozen", "1"],
-                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]],
-                         ids=["paper", "loco", "merged", "frozen", "vit-masked"])
-def test_torchrun_two_processes_match_one_process(tmp_path, split):
-    """2 gloo ranks x 4 images against one process holding the 8, for the paper's split, LoCo's overlapping units,
-    merged blocks and a frozen first block. On CPU each rank's BatchNorm normalises with its own 4 images
-    (SyncBatchNorm is GPU-only), so the one-process reference runs each rank's half through the network
-    separately, each with the noise that rank draws (§5), then takes the loss and the LARS step over the whole
-    batch: exactly what the two ranks compute together. Compared: the first step's loss of every trained block,
-    the weights after it, and that both ranks end with identical weights."""
+@pytest.mark.parametrize("split", [[], ["--blocks", "loco"], ["--blocks", "12,3,4", "--frozen", "1"],
+                                   ["--arch", "vit_tiny", "--patch-size", "8"]],
+                         ids=["paper", "loco", "merged-frozen", "vit"])
+def test_two_processes_are_the_one_process_run(tmp_path, split):
+    """2 gloo processes x 4 images = one process holding the 8, in float64, step by step: every block's
+    loss, the weights, LARS's momentum and BatchNorm's running statistics (distributed.SyncBatchNorm
+    normalises over the global batch), for the paper's split, LoCo's overlapping units, merged and
+    frozen blocks, and a ViT. Without §5's noise: it is drawn per replica. The paper's split also
+    compares the monitors, from features gathered over both processes, with one process's."""
     data = image_folder(tmp_path / "data", per_class=4)
-    out = tmp_path / "out"
-    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--batch-size", "8", *split)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "all 2 ranks hold identical weights" in r.stdout
-    logged = step_log(out)[0]["loss"]
-
-    args = train.get_args(["--data", data, *SMALL, "--batch-size", "8", *split])
-    ds = Seeded(load_dataset("folder", data), aug.TwoViews(32), seed=0)
-    model = bookkeeping.network(bookkeeping.model_config(args, 2), 0)
-    n, trained = len(model.blocks), train.training_phases(args, len(model.blocks))[0]
-    train.set_trainable(model, trained)
-    halves = []
-    for rank in range(2):
-        sampler = torch.utils.data.DistributedSampler(ds, 2, rank, shuffle=True, seed=0, drop_last=True)
-        sampler.set_epoch(0)
-        batch = torch.utils.data.default_collate([ds[i] for i in list(sampler)[:4]])
-        model.seed = train.step_seed(0, rank, 0, 0)  # this replica's noise, drawn per block and view
-        model.mask = vit.masks(args.mask, args.mask_views, n)
-        views = [model.blockwise(normalize(v), view) for view, v in enumerate(batch[0])]
-        feats = [[model.heads[k](next(v)) for v in views] for k in range(n)]  # per-rank BatchNorm statistics
-        halves.append(list(zip(*feats)))
-    total = 0
-    for j, k in enumerate(trained):
-        z1, z2 = (torch.cat([model.projectors[k](h[v][k]) for h in halves]) for v in (0, 1))
-        loss = losses.barlow_twins(z1, z2)
-        assert math.isclose(loss.item(), logged[j], rel_tol=1e-4), (k, loss.item(), logged[j])
-        total = total + loss
-    total.backward()
-    LARS(model.parameters(), lr=0.05 * 8 / 256).step()
-    got = weights(out)["model"]
-    for name, p in model.named_parameters():
-        assert torch.allclose(p, got[name], rtol=1e-4, atol=1e-6), name
-    if split:
-        return
-    # The monitors after the epoch, from features gathered over both ranks = one process on the final weights
-    logged = step_log(out, "monitor")[0]["monitor"]
-    final = probe.load_frozen(str(out / "checkpoint.pth"), probe.get_args(["x"]), torch.device("cpu"))[0]
-    found = evaluation.monitors(final, evaluation.monitor_sets(data, "folder", args.monitor_images, 32, 0), 2, 8, 0)
-    assert np.allclose(found["knn"], logged["knn"]) and np.allclose(found["rankme"], logged["rankme"], rtol=1e-4)
+    extra = ["--noise", "0", *split, *(["--monitor-every", "1"] if not split else [])]
+    float64_run(data, tmp_path / "one", *extra)
+    float64_run(data, tmp_path / "two", *extra, nproc=2)
+    assert_same_float64_run(tmp_path / "one", tmp_path / "two")
+    if not split:
+        assert step_log(tmp_path / "one", "monitor") == step_log(tmp_path / "two", "monitor") != []
 
 
 def test_collectives_take_their_tensor_to_the_group_device_and_back(monkeypatch):
@@ -1152,6 +1156,10 @@ def test_rankme_counts_the_directions_used():
     assert 7.5 < evaluation.rankme(spread) <= 8
     collapsed = torch.randn(2000, 1, generator=g) @ torch.randn(1, 8, generator=g) + 1e-4 * spread
     assert evaluation.rankme(collapsed) < 1.1
+    for f in spread, collapsed, spread[:5], torch.randn(300, 64, generator=g) @ torch.randn(64, 512, generator=g):
+        p = torch.linalg.svdvals(f.double())  # the oracle: an SVD of the features themselves
+        p = p / p.sum() + 1e-7
+        assert math.isclose(evaluation.rankme(f), math.exp(-(p * p.log()).sum()), rel_tol=1e-6)
 
 
 def test_probe_learns_linearly_separable_features():

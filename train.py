@@ -312,7 +312,6 @@ class Run:
     steps: int                     # steps per epoch
     monitored: object              # the monitors' images (evaluation.monitor_sets), or None
     layout: pipeline.Layout        # this process's pipeline stage and replica (pipeline.py)
-    synced_bn: bool                # SyncBatchNorm (GPUs) keeps every process's statistics equal
 
 
 def main(args):
@@ -356,8 +355,7 @@ def prepare(args, device, layout):
     return Run(args, log, os.path.join(args.out, "checkpoint.pth"), train_set, config, model,
                phases, block_loss, build_optimizer(model.parameters(), args), router,
                bookkeeping.fingerprint(train_set), args.epochs * len(phases), loader, local, steps,
-               monitored, layout,
-               any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()))
+               monitored, layout)
 
 
 def fit(run):
@@ -437,8 +435,6 @@ def learn(run, owners, epoch, i, y1, y2, labels):
     block_losses, (h1, h2) = train_step(model, y1, y2, labels, run.block_loss, owners, args.bf16)
     scale_grads(model, args.grad_scale)
     optimizer.step()
-    if not run.synced_bn:
-        distributed.broadcast_buffers(model)  # plain BatchNorm (CPU) tracks its own images
     return block_losses, (h1, h2, labels)
 
 
