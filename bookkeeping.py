@@ -271,8 +271,8 @@ def check_resume(ckpt, config, args, data, path, total_epochs):
         raise Abort(f"--epochs {args.epochs}: {path} has already run {ckpt['epoch']} epochs; pass at least that many")
     if ckpt.get("world", distributed.dp_world()) != distributed.dp_world():
         return (f"resuming a run of {ckpt['world']} process(es) with {distributed.dp_world()}: the same images and "
-                "schedule, but on CPU each process normalises its own images (BatchNorm), so the run is not the one "
-                f"{ckpt['world']} would have given")
+                "schedule and BatchNorm over the same global batch, but §5's noise is drawn per process, so the run "
+                f"is not bit for bit the one {ckpt['world']} would have given")
     return None
 
 
