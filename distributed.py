@@ -67,12 +67,14 @@ def setup(device="auto", timeout_min=10.0, needs_gpu=""):
 def configure(device):
     """Process-wide settings. GPU: cuDNN picks each convolution's fastest algorithm once (the sizes never change);
     fp32 matmuls use TF32, as cuDNN's convolutions already do. Inductor compiles with the node's cores shared among
-    its processes. CPU: compile's probe for a CUDA toolkit is irrelevant and silenced."""
+    its processes (unless TORCHINDUCTOR_COMPILE_THREADS says otherwise): set in inductor's config, which
+    read the variable when torch imported it. CPU: compile's probe for a CUDA toolkit is silenced."""
+    import torch._inductor.config as inductor
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        inductor.compile_threads = max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, os.cpu_count() // per_node)))
     else:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 

@@ -954,6 +954,24 @@ def test_two_processes_are_the_one_process_run(tmp_path, split):
         assert step_log(tmp_path / "one", "monitor") == step_log(tmp_path / "two", "monitor") != []
 
 
+def test_compile_threads_are_the_node_cores_shared_among_its_processes(monkeypatch):
+    """Inductor reads TORCHINDUCTOR_COMPILE_THREADS when torch imports it: configure() sets its config
+    instead, cores / processes per node, and leaves a user's own setting alone."""
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(os.cpu_count() * 2))
+    distributed.configure(torch.device("cpu"))
+    assert inductor.compile_threads == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    distributed.configure(torch.device("cpu"))
+    assert inductor.compile_threads == os.cpu_count()
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    inductor.compile_threads = 3  # as inductor read it at import
+    distributed.configure(torch.device("cpu"))
+    assert inductor.compile_threads == 3
+
+
 def test_collectives_take_their_tensor_to_the_group_device_and_back(monkeypatch):
     """The NCCL group serves its device only, the CONTROL group the host: a tensor made elsewhere is copied to the
     group's device, reduced there, and copied back in place. Here the group's device is cpu:0, which .to() copies
