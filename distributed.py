@@ -24,6 +24,9 @@ DEVICE = torch.device("cpu")  # the default group's device, set by setup()
 GRADS = CONTROL = None
 DP = None  # the data-parallel group: every process (None), or one pipeline stage's replicas
 FORCE = "BLOCKWISE_DISTRIBUTED"  # =1: the distributed code path in a single process (.ci/gpu runs it with NCCL)
+# For tests only (.ci/gpu): =1 puts several processes on each GPU, joined by gloo (which takes CUDA tensors),
+# so that one GPU runs the real cross-process BatchNorm; NCCL cannot hold two ranks on one GPU.
+SHARED = "BLOCKWISE_SHARE_GPUS"
 
 
 def setup(device="auto", timeout_min=10.0, needs_gpu=""):
@@ -36,7 +39,7 @@ def setup(device="auto", timeout_min=10.0, needs_gpu=""):
     world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and "RANK" not in os.environ:
         raise ValueError(f"WORLD_SIZE={world} but no RANK: start the processes with torchrun, which sets both")
-    usable = torch.cuda.is_available()
+    usable, shared = torch.cuda.is_available(), os.environ.get(SHARED) == "1"
     if device == "auto":
         wants = needs_gpu or (f"{world} processes" if world > 1 else "")
         if wants and not usable:
@@ -46,22 +49,32 @@ def setup(device="auto", timeout_min=10.0, needs_gpu=""):
     if device == "cuda":
         if not usable:
             raise ValueError("--device cuda: no usable GPU (torch.cuda.is_available() is False)")
-        if local_rank >= torch.cuda.device_count():
+        if local_rank >= torch.cuda.device_count() and not shared:
             raise ValueError(f"LOCAL_RANK {local_rank}, but this node shows {torch.cuda.device_count()} GPU(s): "
                              "--nproc_per_node must not exceed them (or pass --device cpu)")
-        DEVICE = torch.device("cuda", local_rank)
+        DEVICE = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(DEVICE)
     else:
         DEVICE = torch.device("cpu")
     configure(DEVICE)
     if world > 1 or os.environ.get(FORCE) == "1":
         timeout = datetime.timedelta(minutes=timeout_min)
-        cuda = DEVICE.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=DEVICE if cuda else None, timeout=timeout,
-                                **restart_safe_store(world, timeout))
-        GRADS = dist.new_group(timeout=timeout)
-        CONTROL = dist.new_group(backend="gloo", timeout=timeout)
+        nccl = DEVICE.type == "cuda" and not shared
+        try:  # the host group's first exchange right here: a wrong network interface fails now, said
+            dist.init_process_group("nccl" if nccl else "gloo", device_id=DEVICE if nccl else None,
+                                    timeout=timeout, **restart_safe_store(world, timeout))
+            GRADS = dist.new_group(timeout=timeout)
+            CONTROL = dist.new_group(backend="gloo", timeout=timeout)
+            dist.all_reduce(torch.zeros(1), group=CONTROL)
+        except RuntimeError as e:
+            raise ValueError(f"the {world} processes could not connect ({_first_line(e)}); on several nodes, set "
+                             "GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME) to the network interface the nodes "
+                             "share, e.g. GLOO_SOCKET_IFNAME=eth0 (README, several nodes)") from e
     return DEVICE
+
+
+def _first_line(e):  # an exception's first line, without gloo's source location
+    return str(e).strip().splitlines()[0].split("] ")[-1][:200] if str(e).strip() else type(e).__name__
 
 
 def configure(device):

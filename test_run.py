@@ -603,3 +603,14 @@ def test_bench_refuses_bad_flags_in_one_line(tmp_path):
                         (["--loop", "--dataset", "folder", "--data", str(tmp_path)], "no train/ folder")):
         r = subprocess.run([sys.executable, "bench.py", *extra], cwd=HERE, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+
+def test_processes_that_cannot_connect_say_which_variable_to_set(tmp_path):
+    """Several nodes: the host group's first exchange happens at set-up, and a wrong network interface (here
+    one that does not exist) ends every process with one line naming GLOO_SOCKET_IFNAME."""
+    data = image_folder(tmp_path / "data", per_class=2)
+    r = torchrun("train.py", "--data", data, "--out", str(tmp_path / "out"), *SMALL, "--batch-size", "4",
+                 env={**os.environ, "GLOO_SOCKET_IFNAME": "nonexistent0"}, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("train.py: error")]
+    assert errors and all("GLOO_SOCKET_IFNAME" in line for line in errors), r.stderr[-2000:]
