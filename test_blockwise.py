@@ -587,6 +587,36 @@ def test_lars_by_hand():
         assert np.allclose(w.detach().numpy(), hw, atol=1e-6) and np.allclose(b.detach().numpy(), hb, atol=1e-6)
 
 
+def test_lars_equals_the_formula_per_parameter_in_float64():
+    """The foreach LARS against the update written out for each parameter (You et al., 2017, as Barlow
+    Twins): matrices of several shapes, a zero matrix (no trust ratio: its norm is 0), vectors, a parameter
+    without gradient, two groups; rtol 1e-12 over 4 steps."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (4, 2, 3, 3), (7,), (2, 2), (3,)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    ps[3].data.zero_()
+    ref = [p.detach().clone() for p in ps]
+    mu = [torch.zeros_like(p) for p in ps]
+    opt = LARS([dict(params=ps[:3]), dict(params=ps[3:], weight_decay=0.3)], lr=0.4, weight_decay=0.1, eta=0.02)
+    for _ in range(4):
+        for i, p in enumerate(ps):
+            p.grad = None if i == 4 else torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+        for i, (p, w) in enumerate(zip(ps, ref)):
+            if p.grad is None:
+                continue
+            u = p.grad.clone()
+            if p.ndim > 1:
+                u += (0.1 if i < 3 else 0.3) * w
+                wn, un = w.norm().item(), u.norm().item()
+                u *= 0.02 * wn / un if wn > 0 and un > 0 else 1.0
+            mu[i] = 0.9 * mu[i] + u
+            w -= 0.4 * mu[i]
+        for p, w in zip(ps, ref):
+            assert torch.allclose(p, w, rtol=1e-12, atol=1e-14)
+    assert torch.equal(ps[4], ref[4]) and ps[4] not in opt.state
+
+
 def test_lars_skips_parameters_without_gradient():
     p = torch.nn.Parameter(torch.ones(2, 2))
     LARS([p], lr=1.0).step()

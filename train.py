@@ -163,22 +163,25 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
-    def step(self):
+    def step(self):  # torch's foreach operations: a few kernels per group, not ~6 per parameter
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
-                    ok = (w_norm > 0) & (u_norm > 0)
-                    dp = dp.mul(torch.where(ok, g["eta"] * w_norm / u_norm, 1.0))  # trust ratio
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(g["momentum"]).add_(dp)
-                p.add_(state["mu"], alpha=-g["lr"])
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            mus = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            mats = [i for i, p in enumerate(params) if p.ndim > 1]
+            updates = [p.grad for p in params]
+            if mats:
+                w = [params[i] for i in mats]
+                u = torch._foreach_add([updates[i] for i in mats], w, alpha=g["weight_decay"])
+                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
+                ok = (w_norm > 0) & (u_norm > 0)
+                torch._foreach_mul_(u, list(torch.where(ok, g["eta"] * w_norm / u_norm, 1.0).unbind()))
+                for i, ui in zip(mats, u):  # trust ratio
+                    updates[i] = ui
+            torch._foreach_mul_(mus, g["momentum"])
+            torch._foreach_add_(mus, updates)
+            torch._foreach_add_(params, mus, alpha=-g["lr"])
 
 
 def build_optimizer(params, args):
