@@ -187,27 +187,49 @@ def first_rank_with(flag):
     return None if t.item() >= world() else int(t.item())
 
 
-def average_grads(params):
-    """Start averaging these gradients over the processes (GRADS group); returns a function that waits and writes
-    them back. train.py calls it per block, as DDP does per bucket, so that it overlaps the next block's compute."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not active():
-        return lambda: None
-    flat = torch.cat([g.flatten() for g in grads])
-    work = all_reduce(flat, group=GRADS, async_op=True)
+_FLAT = {}  # per block: the flat buffer its parameters' gradients are views of (bucket_grads)
 
-    def finish():
-        work.wait()
-        unflatten_into(flat.div_(dp_world()), grads)
-    return finish
+
+def bucket_grads(params):
+    """Before a step's backward: give `params` zeroed gradients that are views of one flat buffer, kept
+    from step to step. The backward accumulates into it in place, and average_grads all-reduces the
+    buffer itself: no copy of the gradients in or out (DDP's gradient_as_bucket_view)."""
+    if not params or not active():
+        return
+    key = tuple(map(id, params))
+    if key not in _FLAT:
+        _FLAT[key] = params[0].new_empty(sum(p.numel() for p in params))
+    flat = _FLAT[key].zero_()
+    for p, view in zip(params, views(flat, params)):
+        p.grad = view
+
+
+def average_grads(params):
+    """Start averaging these gradients over the processes (GRADS group); returns a function that waits
+    for it. train.py calls it per block, as DDP does per bucket, so that it overlaps the next block's
+    compute. The gradients must be bucket_grads' views."""
+    if not params or not active():
+        return lambda: None
+    flat = _FLAT[tuple(map(id, params))]
+    if any(p.grad is None or p.grad._base is not flat for p in params):
+        raise RuntimeError("average_grads: the gradients are not bucket_grads' views (set after it?)")
+    work = all_reduce(flat, group=GRADS, async_op=True)
+    return lambda: (work.wait(), flat.div_(dp_world()))
+
+
+def views(flat, tensors):
+    """A vector cut into views shaped as `tensors`, in order."""
+    offset, out = 0, []
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 def unflatten_into(flat, tensors):
     """Copy a vector back into the tensors it was concatenated from (one message instead of one each)."""
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    for t, view in zip(tensors, views(flat, tensors)):
+        t.copy_(view)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):

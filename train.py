@@ -246,9 +246,12 @@ def train_step(model, y1, y2, labels, block_loss, owners, bf16=False):
     only feed the next one. The blocks run are the model's (from `model.first`: y1, y2 are then
     that block's inputs, to `model.last`, or the last that learns). Returns the detached loss of
     each block that learns, and the last block's two outputs."""
+    run = range(model.first, max(owners) + 1 if model.last is None else model.last + 1)
+    for k in set(run) & set(owners):  # several processes: gradients in one buffer per block
+        distributed.bucket_grads(owners[k])
     views = model.blockwise(y1, view=0), model.blockwise(y2, view=1)
     out, pending = [], []
-    for k in range(model.first, max(owners) + 1 if model.last is None else model.last + 1):
+    for k in run:
         with torch.autocast(y1.device.type, torch.bfloat16, enabled=bf16):
             h1, h2 = next(views[0]), next(views[1])
             if k not in owners:
