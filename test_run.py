@@ -29,6 +29,7 @@ import train
 import vit
 from blockwise import POOLINGS, BlockResNet, Pool, add_noise, parse_blocks
 import augment as aug
+import bench
 import bookkeeping
 import cli
 import distributed
@@ -133,15 +134,14 @@ def assert_same_run(a, b):
     assert all(torch.equal(momenta[0][i]["mu"], momenta[1][i]["mu"]) for i in momenta[0])
 
 
-@pytest.mark.parametrize("moment", ["mid-epoch", "during-checkpoint-write", "after-first-epoch"])
+@pytest.mark.parametrize("moment", ["mid-epoch", "during-checkpoint-write"])
 def test_killed_run_resumes_exactly(reference, tmp_path, moment):
+    """SIGKILL (no save): the rerun resumes from the last whole checkpoint (after the first epoch, or none:
+    a write cut off leaves no checkpoint.pth) and ends as the uninterrupted run. test_gpu_aug_run_resumes_exactly
+    kills right after the first checkpoint."""
     cmd, ref = reference
     out = tmp_path / "out"
-    files = {"mid-epoch": "step", "during-checkpoint-write": "checkpoint.pth.*.tmp",
-             "after-first-epoch": "checkpoint.pth"}
-    stop_run(cmd, out, signal.SIGKILL, files[moment])
-    if moment == "after-first-epoch":
-        assert weights(out)["epoch"] == 1
+    stop_run(cmd, out, signal.SIGKILL, {"mid-epoch": "step", "during-checkpoint-write": "checkpoint.pth.*.tmp"}[moment])
     resume_run(cmd, out)
     assert_same_run(ref, weights(out))
     missing, unexpected = torchvision.models.resnet18().load_state_dict(
@@ -167,36 +167,49 @@ def test_a_pipelined_run_stopped_mid_epoch_resumes_in_one_process(tmp_path):
     assert_same_float64_run(tmp_path / "ref", out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(reference, tmp_path, sig):
-    """Preemption (scancel signals the whole process group) or one Ctrl-C, with 2 data-loading workers that get
+def test_signal_to_the_process_group_saves_mid_epoch_and_resumes_exactly(reference, tmp_path):
+    """One Ctrl-C (SIGINT to the whole process group, as scancel's SIGTERM), with 2 data-loading workers that get
     the signal too: the step finishes, the run saves and exits 0, and resumes exactly (the reference had no
     workers: resume is exact whatever the workers)."""
     cmd, ref = reference
     cmd = cmd + ["--workers", "2"]
     out = tmp_path / "out"
-    assert f"{sig.name}: saved" in stop_run(cmd, out, sig, group=True)
+    assert "SIGINT: saved" in stop_run(cmd, out, signal.SIGINT, group=True)
     assert weights(out)["step"] > 0  # saved in the middle of an epoch
     resume_run(cmd, out)
     assert_same_run(ref, weights(out))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP])
-def test_slurm_warning_and_hangup_save_like_sigterm(reference, tmp_path, sig):
+def test_slurm_warning_and_hangup_save_like_sigterm(reference, tmp_path, monkeypatch):
+    """SIGUSR1 (Slurm's warning) stops a real run, which saves and resumes exactly; SIGTERM, SIGHUP and a first
+    SIGINT sent to this process reach the same handler (a SIGINT after them quits at once)."""
     cmd, ref = reference
     out = tmp_path / "out"
-    assert f"{sig.name}: saved" in stop_run(cmd, out, sig)
+    assert "SIGUSR1: saved" in stop_run(cmd, out, signal.SIGUSR1)
     resume_run(cmd, out)
     assert_same_run(ref, weights(out))
+    monkeypatch.setattr(cli, "STOP", [])
+    kept = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
+    try:
+        cli.stop_on_signals()
+        for sig in signal.SIGINT, signal.SIGTERM, signal.SIGHUP:
+            os.kill(os.getpid(), sig)
+        assert cli.STOP == [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for s, h in kept.items():
+            signal.signal(s, h)
 
 
-@pytest.mark.parametrize("extra", [["--route", "below"], ["--mode", "sequential", "--blocks", "12,3", "--epochs", "1",
-                                                              "--augmentations", "jitter-crop,full"],
-                                   ["--arch", "vit_tiny", "--patch-size", "8", "--mask", "0,0.25,0.5,0.75"]])
+@pytest.mark.parametrize("extra", [["--route", "below", "--arch", "vit_tiny", "--patch-size", "8", "--mask",
+                                    "0,0.25,0.5,0.75"], ["--mode", "sequential", "--blocks", "12,3", "--epochs", "1",
+                                                         "--augmentations", "jitter-crop,full"]],
+                         ids=["routed-masked-vit", "adaptive"])
 def test_routed_adaptive_and_masked_runs_resume_exactly(tmp_path, extra):
-    """Routing's difficulty table (kept in the checkpoint), the switch from one block's views to the next (App. A)
-    and the ViT's token masks (drawn from the step's seed): a run stopped by SIGTERM after its first checkpoint
-    resumes bit for bit."""
+    """Routing's difficulty table (kept in the checkpoint) in a ViT with token masks (drawn from the step's seed),
+    and the switch from one block's views to the next (App. A): a run stopped by SIGTERM after its first
+    checkpoint resumes bit for bit."""
     data = image_folder(tmp_path / "data", per_class=16)
     cmd = [sys.executable, "train.py", "--data", data, *SMALL, "--epochs", "2", "--batch-size", "8", *extra]
     resume_run(cmd, tmp_path / "full")  # the uninterrupted run
@@ -597,12 +610,11 @@ def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
     expect_one_line_error(capsys, probe_argv(str(tmp_path / "run" / "nothing.pth"), data), "cannot read", entry=probe)
 
 
-def test_bench_refuses_bad_flags_in_one_line(tmp_path):
+def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys):
     for extra, says in ((["--steps", "0"], "--steps"), (["--arch", "resnet99"], "--arch"),
                         (["--projector", "abc"], "--projector"), (["--configs", "nope"], "--configs"),
                         (["--loop", "--dataset", "folder", "--data", str(tmp_path)], "no train/ folder")):
-        r = subprocess.run([sys.executable, "bench.py", *extra], cwd=HERE, capture_output=True, text=True)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+        expect_one_line_error(capsys, extra, says, entry=bench)
 
 
 def test_processes_that_cannot_connect_say_which_variable_to_set(tmp_path):
