@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import inspect
@@ -104,9 +106,11 @@ def check_free_space(out, model):
 # ---------------------------------------------------------------- checkpoints
 
 def to_cpu(obj):
-    """Tensors moved to the host, in nested dicts and lists: a checkpoint saved on a GPU loads on any machine."""
+    """Tensors copied to the host, in nested dicts and lists: a checkpoint saved on a GPU loads on any machine,
+    and one written in the background holds the state of the moment it was taken."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        out = obj.detach().cpu()
+        return out.clone() if out.data_ptr() == obj.data_ptr() else out  # a copy the run cannot change
     if isinstance(obj, dict):
         return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -151,14 +155,41 @@ def load(path, needs=(), what="checkpoint"):
     return obj
 
 
+WRITING = []  # the checkpoint write under way in the background, and its error if it failed
+
+
 def save_checkpoint(path, state, epoch, step, config, args, data, **extra):
     """What a resumed run needs: `state`, the weights and optimizer state (LARS momentum) of the whole model, where
     to go on from, the model's config, the flags, the training set's fingerprint, the number of processes, where the
-    run ran, and `extra` (routing's table)."""
-    save_atomic(dict(model=state[0], optimizer=state[1], epoch=epoch, step=step,
-                     config=config, args=vars(args), data=data, world=distributed.dp_world(), env=environment(),
-                     **extra),
-                path)
+    run ran, and `extra` (routing's table). Copied to the host now, written in the background (save_atomic: a
+    crash mid-write leaves the previous checkpoint whole), so that no GPU waits for the disk; wait_for_save()
+    waits for it. One write at a time."""
+    wait_for_save()
+    snapshot = to_cpu(dict(model=state[0], optimizer=state[1], epoch=epoch, step=step, config=config,
+                           args=vars(args), data=data, world=distributed.dp_world(), env=environment(), **extra))
+
+    def write():
+        try:
+            time.sleep(float(os.environ.get("BLOCKWISE_SLOW_SAVE", 0)))  # for tests only: a slow disk
+            save_atomic(snapshot, path)
+        except Exception as e:  # raised in the main thread by wait_for_save
+            WRITING.append(e if isinstance(e, Abort) else Abort(f"cannot write {path} ({one_line(e)})"))
+    WRITING.append(threading.Thread(target=write, name="checkpoint write"))  # not a daemon: exit waits for it
+    WRITING[-1].start()
+
+
+def wait_for_save(every_process=False):
+    """Until the last checkpoint is on disk (`every_process`: every process waits for rank 0's, on the host).
+    Raises Abort (one line) if its write failed."""
+    try:
+        while WRITING:
+            done = WRITING.pop(0)
+            if isinstance(done, Abort):
+                raise done
+            done.join()
+    finally:
+        if every_process:
+            distributed.host_barrier()
 
 
 # ---------------------------------------------------------------- the network of a checkpoint
@@ -230,6 +261,7 @@ def export_trunk(model, state, args):
     """Every process must hold its first replica's weights; then trunk.pth, torchvision's state_dict, from
     rank 0's `state` (the whole model's, pipeline.Layout.gather_state)."""
     same = distributed.check_replicas(model) if distributed.active() else None
+    wait_for_save()
     if distributed.rank() == 0:
         if same:
             print(same, flush=True)

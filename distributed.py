@@ -156,6 +156,13 @@ def broadcast(t, src=0, group=None):
         _on_group_device(dist.broadcast, t, group, src=src)
 
 
+def host_barrier():
+    """Every process waits here for the others, on the host group: not inside an NCCL collective, whose
+    watchdog would abort a process that waits there longer than --timeout."""
+    if active():
+        dist.barrier(group=CONTROL)
+
+
 def gather_rows(t, n):
     """Rank r holds rows r, r + world, r + 2 world, ... of an n-row tensor; every rank gets all n rows, in order,
     on the group's device."""

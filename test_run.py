@@ -626,3 +626,54 @@ def test_processes_that_cannot_connect_say_which_variable_to_set(tmp_path):
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("train.py: error")]
     assert errors and all("GLOO_SOCKET_IFNAME" in line for line in errors), r.stderr[-2000:]
+
+
+def test_checkpoints_are_written_in_the_background_from_a_copy(tmp_path, monkeypatch):
+    """save_checkpoint returns once the state is copied; the run may change its tensors while the write goes on;
+    wait_for_save waits for it, and raises a failed write's one-line error."""
+    monkeypatch.setenv("BLOCKWISE_SLOW_SAVE", "1")
+    w, path = torch.zeros(3), tmp_path / "checkpoint.pth"
+    save = functools.partial(bookkeeping.save_checkpoint, epoch=1, step=0, config={},
+                             args=train.get_args(["--data", "x"]), data={})
+    save(str(path), ({"w": w}, {}))
+    w += 1  # the next step, while the write is under way
+    assert not path.exists()
+    bookkeeping.wait_for_save()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.zeros(3))
+    (tmp_path / "a folder").mkdir()
+    save(str(tmp_path / "a folder"), ({"w": w}, {}))
+    with pytest.raises(bookkeeping.Abort, match="cannot write"):
+        bookkeeping.wait_for_save()
+
+
+def test_after_a_failure_every_process_waits_for_the_save(tmp_path):
+    """Rank 1 reads a corrupt image at step 2; rank 0's save then takes 3 s (a slow disk, for tests only).
+    torchrun ends every process once one exits, so rank 1 must wait, on the host, for the save to be whole
+    before it reports: when rank 1 has exited, the checkpoint of the 2 steps done is on disk."""
+    data = image_folder(tmp_path / "data", per_class=16)
+    ds = load_dataset("folder", data)
+    sampler = torch.utils.data.DistributedSampler(ds, 2, 1, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    open(ds.samples[list(sampler)[8]][0], "wb").write(b"not an image")  # rank 1's third batch of 4
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--data", data, "--out", str(out), *SMALL, "--batch-size", "8", "--monitor-every", "0"]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "BLOCKWISE_SLOW_SAVE": "3"})
+    pid = None
+    while pid is None and p.poll() is None:
+        pid = rank_pid(str(out), 1)
+    while pid and not exited(pid):
+        time.sleep(0.01)
+    written = (out / "checkpoint.pth").exists()
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0 and "rank 1: unreadable image" in stderr, stderr[-3000:]
+    assert written and (weights(out)["epoch"], weights(out)["step"]) == (0, 2)
+
+
+def exited(pid):
+    """Whether the process has ended (gone, or a zombie its parent has not yet reaped)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

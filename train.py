@@ -387,7 +387,8 @@ def fit(run):
             done = (epoch, stopped[0]) if stopped else (epoch + 1, 0)
             extra = {"router": run.router.table} if run.router else {}
             bookkeeping.save_checkpoint(run.path, state, *done, run.config, args, run.data, **extra)
-        if stopped:
+        if stopped:  # torchrun ends every process when one exits: the save must be whole first
+            bookkeeping.wait_for_save(every_process=True)
             return cli.report_stop(*stopped, epoch, run.path)
         if run.monitored and (epoch + 1) % args.monitor_every == 0:
             log_monitors(epoch, run)
