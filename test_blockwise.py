@@ -831,6 +831,27 @@ def test_router_ranks_examples_by_difficulty_into_blocks():
                .weights(torch.arange(8)))
 
 
+def test_routing_issues_the_same_collectives_when_only_one_process_has_unseen_images(tmp_path):
+    """App. A over 2 processes: a 1-process routed epoch, then rank 1's images of the next epoch made unseen (no
+    difficulty: weight 1 at every block) while rank 0's stay routed, so block 4 sees 1 image on rank 0 and 4 on
+    rank 1. The processes must still issue the same collectives (losses, BatchNorm, gradients): the run ends,
+    both holding the same weights."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "out"
+    run_train(data, out, "--epochs", "1", "--batch-size", "8", "--route", "below")
+    ckpt = weights(out)
+    sampler = torch.utils.data.DistributedSampler(load_dataset("folder", data), 2, 0, shuffle=True, seed=0,
+                                                  drop_last=True)
+    sampler.set_epoch(1)
+    table = torch.full_like(ckpt["router"], float("nan"))
+    table[list(sampler)] = ckpt["router"][list(sampler)]  # rank 0's images of epoch 2 keep their difficulty
+    torch.save(dict(ckpt, router=table), out / "checkpoint.pth")
+    r = torchrun("train.py", "--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--batch-size", "8",
+                 "--route", "below", timeout=300)
+    assert r.returncode == 0 and "all 2 ranks hold identical weights" in r.stdout, r.stderr[-3000:]
+    assert not weights(out)["router"].isnan().any()
+
+
 def test_an_example_routed_below_never_reaches_the_head_above():
     """'below' (routing.Routed around the per-block losses): the two easiest of 6 examples are routed to block 1, so
     at block 2 they have weight 0 and do not reach its head: their gradient is exactly 0, and the loss is the loss of
