@@ -46,9 +46,12 @@ def view_sets(spec, n, crop_scale=0.08):
     """--augmentations: one set name for every block, or one per block (a preset name works too); returns n pairs
     of views. `crop_scale` is the smallest crop of the full set (--crop-scale). Raises ValueError naming the flag."""
     names = SET_PRESETS.get(spec, spec).split(",")
-    if any(name not in SETS for name in names) or len(names) not in (1, n):
+    if any(name not in SETS for name in names):
         raise ValueError(f"--augmentations {spec}: give one of {', '.join([*SETS, *SET_PRESETS])}, or one set per "
                          f"block ({n}) from {', '.join(SETS)}")
+    if len(names) not in (1, n):
+        raise ValueError(f"--augmentations {spec}: {len(names)} sets for {n} blocks (--blocks); give one set, "
+                         f"or one per block")
     full = tuple(dataclasses.replace(v, crop=(crop_scale, 1.0)) for v in BARLOW_TWINS)
     return [full if name == "full" else SETS[name] for name in names * (n // len(names))]
 

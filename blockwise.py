@@ -30,6 +30,10 @@ def parse_blocks(spec):
     for b in blocks:
         if not b or any(s not in (1, 2, 3, 4) for s in b) or list(b) != list(range(b[0], b[-1] + 1)):
             raise ValueError(f"--blocks {spec!r}: each block must be consecutive stages from 1-4")
+    ends = [0] + [b[-1] for b in blocks]  # a block starts where the last ended (LoCo) or right after it
+    if any(b[0] not in (e, e + 1) or b[-1] <= e for b, e in zip(blocks, ends)):
+        raise ValueError(f"--blocks {spec!r}: blocks follow the stages in order from stage 1, with no gap and "
+                         "no repeat (e.g. 1,2,3,4, 12,3,4, 1234, or LoCo's 12,23,34)")
     return blocks
 
 

@@ -1,6 +1,7 @@
 """The command line of train.py, probe.py and bench.py: flags checked as they are parsed, one-line errors, what
 the signals do, and progress lines. Nothing here is the method."""
 import argparse
+import math
 import multiprocessing
 import os
 import signal
@@ -122,6 +123,45 @@ def check_train_args(args, world):
     if args.batch_size // world < 2:
         raise Abort(f"--batch-size {args.batch_size}: each of the {world} processes needs at "
                         "least 2 images (BatchNorm's batch statistics)")
+    check_values(args, world)
+
+
+def check_values(args, world):
+    """Values out of their range, and flags that would have no effect in this configuration."""
+    if min(numbers(args.lambd, "--lambd")) < 0:
+        raise Abort(f"--lambd {args.lambd}: Eq. (2)'s weight of the redundancy term is >= 0 "
+                    "(the paper: 0.0051)")
+    if not all(0 < t <= 1 for t in numbers(args.target, "--target")):
+        raise Abort(f"--target {args.target}: a correlation to reach, in (0, 1] (App. A: 0.6 to 1)")
+    n = len(parse_blocks(args.blocks))
+    share = args.batch_size // world // n  # "below": the last block trains on one share of a batch
+    if (args.route == "below" or args.route == "weight" and args.route_weight == 0) and share * world < 2:
+        raise Abort(f"--route {args.route}: each block's share of a batch is {share} image(s) per "
+                    f"process, BatchNorm needs 2 in all: --batch-size {2 * n * world} or more")
+    if args.arch in VITS and args.mask != "0":
+        patches = (args.image_size // args.patch_size) ** 2
+        if any(round((1 - f) * patches) < 1 for f in numbers(args.mask, "--mask")):
+            raise Abort(f"--mask {args.mask}: a block would see none of the {patches} patch tokens "
+                        f"({args.image_size} px / --patch-size {args.patch_size}); use at most "
+                        f"{1 - 1 / patches:.3g}")
+    if args.pooling == "lsp" and args.arch not in VITS:  # §3.3: a power-of-two grid of bins per block
+        base = 64 if args.arch in ("resnet18", "resnet34") else 256
+        channels = [base * 2 ** (stage - 1) for b in parse_blocks(args.blocks) for stage in b[-1:]]
+        if any(args.head_dim % c or (args.head_dim // c) & (args.head_dim // c - 1) for c in channels):
+            works = max(channels) * 2 ** max(0, math.ceil(math.log2(args.head_dim / max(channels))))
+            listed = ", ".join(map(str, channels))
+            raise Abort(f"--head-dim {args.head_dim}: LSP needs each block's channels ({listed}) times "
+                        f"a power of two, e.g. --head-dim {works}")
+    defaults = dict(kernel_size=1, groups=1, route_weight=0.5, lars_eta=0.001, grad_scale=1.0)
+    for flag, without in (("kernel_size", args.arch in VITS and "a ViT has no CbE convolution"),
+                          ("groups", args.arch in VITS and "a ViT has no CbE convolution"),
+                          ("route_weight", args.route != "weight" and "it weighs --route weight's blocks"),
+                          ("lars_eta", args.optimizer != "lars" and "LARS only"),
+                          ("grad_scale", args.optimizer != "lars" and "AdamW's step ignores a gradient's "
+                                                                       "scale")):
+        if without and getattr(args, flag) != defaults[flag]:
+            name = "--" + flag.replace("_", "-")
+            raise Abort(f"{name} {getattr(args, flag):g}: no effect here ({without}); leave it out")
 
 
 # ---------------------------------------------------------------- signals and data-loading workers
