@@ -685,15 +685,15 @@ def test_impossible_or_idle_flags_are_refused_naming_a_value_that_works(tmp_path
     routing with a block's share too small for BatchNorm; an LSP width that some block cannot pool into; a flag
     with no effect in the configuration; App. A's four view sets for LoCo's three blocks."""
     base = [*SMALL, "--data", image_folder(tmp_path / "data"), "--out", str(tmp_path / "out"), "--batch-size", "8"]
-    vit = ["--arch", "vit_tiny", "--patch-size", "16"]
+    a_vit = ["--arch", "vit_tiny", "--patch-size", "16"]
     for extra, says in ((["--blocks", "4,3,2,1"], "in order from stage 1"),
                         (["--blocks", "1,1,2,3,4"], "no repeat"), (["--blocks", "1,3,4"], "no gap"),
                         (["--lambd", "-1"], "--lambd -1: "), (["--target", "2"], "--target 2: "),
-                        ([*vit, "--mask", "0.9"], "use at most 0.75"),
+                        ([*a_vit, "--mask", "0.9"], "use at most 0.75"),
                         (["--route", "below", "--batch-size", "6"], "--batch-size 8 or more"),
                         (["--pooling", "lsp", "--head-dim", "128"], "e.g. --head-dim 512"),
-                        ([*vit, "--kernel-size", "3"], "--kernel-size 3: no effect"),
-                        ([*vit, "--groups", "2"], "--groups 2: no effect"),
+                        ([*a_vit, "--kernel-size", "3"], "--kernel-size 3: no effect"),
+                        ([*a_vit, "--groups", "2"], "--groups 2: no effect"),
                         (["--route-weight", "0.3"], "--route-weight 0.3: no effect"),
                         (["--optimizer", "adamw", "--lars-eta", "0.02"], "--lars-eta 0.02: no effect"),
                         (["--optimizer", "adamw", "--grad-scale", "0.5"], "--grad-scale 0.5: no effect"),
