@@ -7,8 +7,8 @@ Schedules: e2e = one Barlow Twins head on top of the whole ResNet (the baseline)
 authors' order (every block forward for both views, then the backward passes); ours = train.py's
 step (block k back-propagated before block k+1 runs). Each configuration runs in a fresh process so
 that its peak memory is its own: on GPU torch.cuda.max_memory_allocated; on CPU the peak RSS over two
-steps (the first creates LARS's momentum) of a second fresh process run with MALLOC_MMAP_THRESHOLD_=65536,
-so that glibc hands freed tensors back to the OS and the RSS follows the live memory (with the default
+steps (the first creates LARS's momentum; nothing runs before them) of a second fresh process run with
+MALLOC_MMAP_THRESHOLD_=65536, so that glibc hands freed tensors back to the OS and the RSS follows the live memory (with the default
 allocator, freed activations stay resident and the peak overstates the step; the setting slows the
 step, so it is not used for timing). "above torch" subtracts the RSS of the process after importing
 torch and torchvision, before any tensor: like max_memory_allocated on a GPU, it counts tensors only.
@@ -149,6 +149,12 @@ def worker(args, name):
     schedule, opt = CONFIGS[name]
     runtime = rss_mib("VmRSS")  # torch + torchvision imported, no model yet
     model, step, device = setup(args, schedule, opt)
+    if args.worker_memory:  # CPU: the two steps measured come first (a FLOP count's step would set the peak)
+        if opt.get("compile"):
+            recompute.compile_heads(model)
+        step()  # the first creates LARS's momentum
+        step()
+        return dict(peak_mib=rss_mib("VmHWM"), runtime_mib=runtime)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = dict(run=count_flops(step))  # eager, before compiling: FlopCounterMode does not see inside compiled code
     if opt.get("recompute"):  # MFU counts the model's FLOPs, not the recomputed ones
@@ -157,10 +163,6 @@ def worker(args, name):
         recompute.apply(model, opt["recompute"])
     if opt.get("compile"):
         recompute.compile_heads(model)
-    if args.worker_memory:  # CPU: two steps (the first creates LARS's momentum), then the peak RSS
-        step()
-        step()
-        return dict(peak_mib=rss_mib("VmHWM"), runtime_mib=runtime)
     t0 = time.perf_counter()
     for _ in range(2):  # warm-up: compilation, cuDNN's autotuning, LARS's momentum
         step()

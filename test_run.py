@@ -701,3 +701,17 @@ def test_impossible_or_idle_flags_are_refused_naming_a_value_that_works(tmp_path
                          "4 sets for 3 blocks")):
         expect_one_line_error(capsys, base + extra, says)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_bench_measures_each_configurations_own_peak_memory():
+    """bench.py's CPU memory process runs nothing before the two measured steps (a FLOP count's eager step, with
+    recomputation off, used to set every configuration's peak): recomputing CbE's maps must read well below the
+    plain step on a model whose heads' maps dominate."""
+    above = {}
+    for config in ("ours fp32", "ours fp32 ckpt-head"):
+        r = subprocess.run([sys.executable, "bench.py", "--arch", "resnet18", "--image-size", "64", "--batch-size",
+                            "32", "--projector", "64-64", "--head-dim", "2048", "--worker", config, "--worker-memory"],
+                           cwd=HERE, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        above[config] = row["peak_mib"] - row["runtime_mib"]
+    assert above["ours fp32 ckpt-head"] < 0.8 * above["ours fp32"], above
