@@ -89,6 +89,9 @@ def get_args(argv=None):
       "best split into 2 stages, then train.py's loop, one thread per process, in one process, 2 data-parallel "
       "processes and 2 pipeline stages: images/s, each process's peak memory and where a stage's time goes "
       "(--dataset, --data, --loop-steps as --loop)")
+    a("--traffic", default="", help="no timing: the bytes each process sends per step for these numbers of "
+      "processes (e.g. 8,32) at the model's sizes, by collective, and what all-gathering the projector outputs "
+      "instead of all-reducing Barlow Twins' d x d matrix would send (ring algorithms)")
     a("--json", default="", help="write the results here")
     a("--worker", default="", help=argparse.SUPPRESS)
     a("--worker-memory", action="store_true", help=argparse.SUPPRESS)
@@ -243,6 +246,8 @@ def main(args):
         return loop(args)
     if args.layouts:
         return layouts(args)
+    if args.traffic:
+        return traffic(args, [int(w) for w in args.traffic.split(",")])
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     rows, cuda, failed = [], torch.cuda.is_available(), []
     names = (list(CONFIGS) if args.configs == "all" else args.configs.split(",")) if args.configs else \
@@ -473,6 +478,35 @@ def layouts(args):
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), seconds=seconds, flops=flops, split=stages, rows=rows,
                            env=bookkeeping.environment()), f, indent=1)
+
+
+
+def traffic(args, worlds):
+    """Bytes sent per process and step, ring algorithms: an all-reduce of S bytes sends 2 (W - 1) / W x S, an
+    all-gather or a reduce-scatter of S bytes in all (W - 1) / W x S. Per block and view the losses all-reduce
+    Eq. (1)'s d x d matrix and, standardising, 2 x d; each is all-reduced again in the backward. BatchNorm
+    (distributed.SyncBatchNorm) all-reduces 3 x C float64 per layer and view, forward and backward; the
+    gradients once. The alternative: all-gather both views' projector outputs (B x d each) and reduce-scatter
+    their gradients."""
+    config = dict(arch=args.arch, pooling=args.pooling, head_dim=args.head_dim,
+                  projector_widths=[int(w) for w in args.projector.split("-")])
+    config.update(dict(image_size=args.image_size, patch_size=args.patch_size) if args.arch in vit.VITS else {})
+    with torch.device("meta"):
+        model = bookkeeping.network(config, 0)
+    d, n, b = config["projector_widths"][-1], len(model.blocks), args.batch_size
+    grads = 4 * sum(p.numel() for p in model.parameters())
+    bn = 2 * 2 * 8 * 3 * sum(m.num_features for m in model.modules()
+                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    matrix = 2 * n * 4 * (d * d + 2 * 2 * d)  # forward and backward, per block: C, and both views' mean and var
+    gather = 2 * n * 4 * 2 * b * d  # both views' outputs gathered, their gradients reduce-scattered
+    print(f"{args.arch}, projector {args.projector}, batch {b}: {grads / 1e9:.2f} GB of gradients; "
+          f"GB sent per process and step", flush=True)
+    print(f"{'processes':>9} {'gradients':>9} {'BatchNorm':>9} {'losses: d x d all-reduce':>24} "
+          f"{'losses: all-gather':>18}")
+    for w in worlds:
+        ring = (w - 1) / w
+        print(f"{w:>9} {2 * ring * grads / 1e9:>9.2f} {2 * ring * bn / 1e9:>9.3f} {2 * ring * matrix / 1e9:>24.2f} "
+              f"{ring * gather / 1e9:>18.2f}")
 
 
 if __name__ == "__main__":
