@@ -377,6 +377,9 @@ def report_stop(step, failure, failed_elsewhere, epoch, path):
         if worker_died(failure):
             cause = (f"a data-loading worker died ({cause[:160]}): out of memory, or a /dev/shm too small for "
                      "--workers x the batch; try fewer --workers or a larger /dev/shm")
+        if cause.startswith("unreadable image"):  # removing the file would make the rerun another dataset
+            where = where.replace("rerun to resume", "replace the file with a readable copy of the image, "
+                                  "then rerun to resume (a deleted file makes it another dataset, not resumed)")
         raise Abort(f"{cause}; {where}")
     if failed_elsewhere:
         raise Abort(f"stopped: another process failed (see its line); {where}")

@@ -311,7 +311,11 @@ def main(args):
     device = distributed.setup(args.device, args.timeout)
     out_dir = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     model, run_args = load_frozen(args.checkpoint, args, device)
-    args.image_size = args.image_size or run_args.get("image_size", 224)
+    trained_at = run_args.get("image_size", 224)
+    if args.image_size and args.image_size != trained_at and run_args.get("arch") in vit.VITS:
+        raise Abort(f"--image-size {args.image_size}: this ViT was trained at {trained_at} px, and its "
+                    f"position embeddings fit that size only; leave --image-size out (or pass {trained_at})")
+    args.image_size = args.image_size or trained_at
     probed = probed or list(range(len(model.blocks)))
     if not set(probed) <= set(range(len(model.blocks))):
         raise Abort(f"--blocks-to-probe {args.blocks_to_probe}: the model has blocks 1-{len(model.blocks)}")

@@ -487,7 +487,8 @@ def test_every_rank_names_its_own_failure(tmp_path):
                  "--workers", "2", timeout=120)  # read by a worker; the run must still exit, not wait for it
     mine = [line for line in r.stderr.splitlines() if line.startswith("train.py: error:")]
     assert r.returncode != 0 and any(line.startswith("train.py: error: rank 1: unreadable image") and
-                                     os.path.basename(bad) in line for line in mine), r.stderr[-3000:]
+                                     os.path.basename(bad) in line and "replace the file" in line
+                                     for line in mine), r.stderr[-3000:]
 
 
 def rank_pid(marker, rank):
@@ -715,3 +716,12 @@ def test_bench_measures_each_configurations_own_peak_memory():
         row = json.loads(r.stdout.strip().splitlines()[-1])
         above[config] = row["peak_mib"] - row["runtime_mib"]
     assert above["ours fp32 ckpt-head"] < 0.8 * above["ours fp32"], above
+
+
+def test_probe_refuses_a_vit_at_another_image_size(tmp_path, capsys):
+    """A ViT's position embeddings fit the size it was trained at: another --image-size is one line naming it."""
+    data = image_folder(tmp_path / "data")
+    run_train(data, tmp_path / "vit", "--epochs", "1", "--batch-size", "8", "--arch", "vit_tiny", "--patch-size", "8",
+              "--monitor-every", "0")
+    ckpt = str(tmp_path / "vit" / "checkpoint.pth")
+    expect_one_line_error(capsys, probe_argv(ckpt, data, "--image-size", "64"), "trained at 32 px", entry=probe)
