@@ -19,7 +19,6 @@ device's dense matmul rate in the step's precision: bf16, or fp32 as train.py ru
 """
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ import bookkeeping
 import data
 import distributed
 import losses
+import pipeline
 import recompute
 import train
 import vit
@@ -377,31 +377,13 @@ def loop(args):
 # ---------------------------------------------------------------- blocks on separate devices (pipeline.py)
 
 def block_costs(args, reps=3):
-    """Seconds of one forward + backward of each block (trunk, head, projector, Barlow Twins), both views, and its
-    FLOPs, in this process on one thread, at the batch one process of 2 would hold."""
+    """Each block's forward + backward seconds and FLOPs (pipeline.block_costs) in this process on one thread,
+    at the batch one process of 2 would hold."""
     torch.set_num_threads(1)
     model, _, _ = setup(argparse.Namespace(**{**vars(args), "batch_size": args.batch_size // 2}), "ours", {})
     y = torch.randn(args.batch_size // 2, 3, args.image_size, args.image_size)
     block_loss = train.head_losses(model, [lambda z1, z2, y: losses.barlow_twins(z1, z2)] * len(model.blocks))
-    seconds, flops = [0.0] * len(model.blocks), [0.0] * len(model.blocks)
-    for rep in range(reps + 1):  # the first is a warm-up, and counts the FLOPs
-        views = model.blockwise(y, 0), model.blockwise(y, 1)
-        for k in range(len(model.blocks)):
-            with FlopCounterMode(display=False) if rep == 0 else contextlib.nullcontext() as counter:
-                t = time.perf_counter()
-                block_loss(k, next(views[0]), next(views[1]), None).backward()
-                seconds[k] += (time.perf_counter() - t) / reps if rep else 0
-            if rep == 0:
-                flops[k] = counter.get_total_flops()
-    return seconds, flops
-
-
-def best_split(costs, stages):
-    """The split of the blocks into `stages` consecutive groups whose costliest stage costs least (--stages)."""
-    n = len(costs)
-    splits = [c for c in itertools.combinations(range(1, n), stages - 1)]
-    groups = [[list(range(a, b)) for a, b in zip((0, *cut), (*cut, n))] for cut in splits]
-    return min(groups, key=lambda g: max(sum(costs[k] for k in s) for s in g))
+    return pipeline.block_costs(model, block_loss, y, reps)
 
 
 def layout_run(args, name, nproc, extra):
@@ -446,7 +428,7 @@ def workers(marker):
 def layouts(args):
     """Blocks on separate devices against data parallelism on this machine (README, docs/performance.md)."""
     seconds, flops = block_costs(args)
-    split = best_split(seconds, 2)
+    split = pipeline.best_split(seconds, 2)
     stages = ",".join("".join(str(k + 1) for k in s) for s in split)
     cost = [sum(seconds[k] for k in s) for s in split]
     for k, (s, f) in enumerate(zip(seconds, flops)):

@@ -156,6 +156,15 @@ def broadcast(t, src=0, group=None):
         _on_group_device(dist.broadcast, t, group, src=src)
 
 
+def broadcast_object(obj, src=0):
+    """A picklable object from rank `src` to every process, over the host group."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, group=CONTROL)
+    return box[0]
+
+
 def host_barrier():
     """Every process waits here for the others, on the host group: not inside an NCCL collective, whose
     watchdog would abort a process that waits there longer than --timeout."""

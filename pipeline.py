@@ -20,16 +20,60 @@ and waits for it before computing, so no point-to-point traffic is in flight bes
 all-reduces; shapes and dtypes travel once, in a header exchange before a stage's first payload,
 which also opens NCCL's lazy connections before the first step.
 """
+import contextlib
+import itertools
 import time
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 import cli
 import distributed
 import losses
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def block_costs(model, block_loss, y, reps=2):
+    """Seconds of one forward + backward of each block of `model` (trunk, head, projector, loss;
+    both views of the batch `y`) and its FLOPs, after a warm-up that counts them. `block_loss(k, h1,
+    h2, labels)`: train.head_losses'."""
+    sync = torch.cuda.synchronize if y.is_cuda else (lambda: None)
+    seconds, flops = [0.0] * len(model.blocks), [0.0] * len(model.blocks)
+    for rep in range(reps + 1):  # the first is the warm-up
+        views = model.blockwise(y, 0), model.blockwise(y, 1)
+        for k in range(len(model.blocks)):
+            with FlopCounterMode(display=False) if rep == 0 else contextlib.nullcontext() as counter:
+                sync()
+                t = time.perf_counter()
+                block_loss(k, next(views[0]), next(views[1]), None).backward()
+                sync()
+                seconds[k] += (time.perf_counter() - t) / reps if rep else 0
+            flops[k] = counter.get_total_flops() if rep == 0 else flops[k]
+    return seconds, flops
+
+
+def best_split(costs, stages):
+    """The split of the blocks into `stages` consecutive groups whose costliest stage costs least."""
+    n = len(costs)
+    cuts = itertools.combinations(range(1, n), stages - 1)
+    groups = [[list(range(a, b)) for a, b in zip((0, *cut), (*cut, n))] for cut in cuts]
+    return min(groups, key=lambda g: max(sum(costs[k] for k in s) for s in g))
+
+
+def auto_stages(make, batch, world, n):
+    """--stages auto: one stage per process (at most one per block), split so that the costliest
+    stage costs least, as measured with `make(images)` -> (model, block_loss, batch of a replica)
+    on each process's device (all measure: the losses' collectives span every process); every
+    process takes rank 0's split. Returns it as --stages text (e.g. "12,34")."""
+    text, stages = None, min(world, n)
+    seconds, _ = block_costs(*make(batch * stages // world))
+    if distributed.rank() == 0:
+        text = ",".join("".join(str(k + 1) for k in s) for s in best_split(seconds, stages))
+        print(f"--stages auto: {text} (forward + backward per block: "
+              f"{' '.join(f'{s * 1000:.0f}' for s in seconds)} ms)", flush=True)
+    return distributed.broadcast_object(text)
 
 
 def parse_stages(text, blocks):

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1085,14 +1086,23 @@ def test_collectives_are_issued_in_one_place():
 
 # ---------------- blocks on separate devices (pipeline.py): the same run, laid out over processes
 
-@pytest.mark.parametrize("stages,nproc,extra", [("1,234", 2, []), ("1,2,3,4", 4, []), ("12,34", 2, VIT_MASKED),
+def test_best_split_minimises_the_costliest_stage():
+    assert pipeline.best_split([5, 1, 1, 1], 2) == [[0], [1, 2, 3]]
+    assert pipeline.best_split([1, 1, 1, 5], 2) == [[0, 1, 2], [3]]
+    assert pipeline.best_split([2, 2, 2, 2], 2) == [[0, 1], [2, 3]]
+    assert pipeline.best_split([3, 1, 2, 2], 3) == [[0], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("stages,nproc,extra", [("auto", 2, []), ("1,2,3,4", 4, []), ("12,34", 2, VIT_MASKED),
                                                 ("1,23", 2, ["--blocks", "12,3,4", "--frozen", "1"])],
-                         ids=["2-stages", "4-stages", "vit-masked", "merged-frozen"])
+                         ids=["2-stages-auto", "4-stages", "vit-masked", "merged-frozen"])
 def test_a_pipeline_is_the_one_process_run(one_process_runs, tmp_path, stages, nproc, extra):
     """Stage s runs batch t - s at tick t and sends its last block's noised outputs forward: every block sees batch
-    b with its weights after b updates, so the run is the one-process simultaneous run (float64, rtol 1e-10)."""
+    b with its weights after b updates, so the run is the one-process simultaneous run (float64, rtol 1e-10).
+    --stages auto picks a 2-stage split from rank 0's measurement of the blocks (any split is the same run)."""
     data, one = one_process_runs(*extra)
-    float64_run(data, tmp_path / "pipe", "--stages", stages, *extra, nproc=nproc)
+    r = float64_run(data, tmp_path / "pipe", "--stages", stages, *extra, nproc=nproc)
+    assert stages != "auto" or re.search(r"--stages auto: \d+,\d+ \(forward", r.stdout), r.stdout
     assert_same_float64_run(one, tmp_path / "pipe")
     trunk = torch.load(tmp_path / "pipe" / "trunk.pth", weights_only=True)
     assert all(torch.equal(v, weights(one)["model"].get(k, v)) for k, v in trunk.items())

@@ -137,8 +137,9 @@ def get_args(argv=None):
     a("--print-freq", type=cli.POSITIVE_INT, default=50, help="steps between progress lines (and "
       "at least one every 30 s)")
     a("--stages", default="", help="blocks on separate devices (pipeline.py, README): the blocks "
-      "of each pipeline stage, e.g. 1,234 or 1,2,3,4; under torchrun the processes form stages x "
-      "replicas, stage = rank // replicas. Exactly the simultaneous run")
+      "of each pipeline stage, e.g. 1,234 or 1,2,3,4, or auto (one stage per process, the split "
+      "whose costliest stage costs least, measured at the start); under torchrun the processes form "
+      "stages x replicas, stage = rank // replicas. Exactly the simultaneous run")
     a("--timeout", type=cli.POSITIVE, default=10.0, help="minutes a process waits for the others "
       "before the run stops with an error (a stalled or lost process)")
     a("--monitor-every", type=cli.COUNT, default=1, help="epochs between the online monitors (kNN "
@@ -147,8 +148,6 @@ def get_args(argv=None):
       "bank (from the training set) and in their held-out set (from val/ or the test split), each "
       "balanced over the classes")
     return p.parse_args(argv)
-
-
 
 
 # ---------------------------------------------------------------- §3.4: LARS and its schedule
@@ -325,12 +324,22 @@ def main(args):
         f for f, on in (("--bf16", args.bf16), ("--gpu-aug", args.gpu_aug)) if on))
     if os.environ.get("BLOCKWISE_FLOAT64") == "1":  # for tests only: exactness to rounding
         torch.set_default_dtype(torch.float64)
+    if args.stages == "auto":  # the split whose costliest stage costs least, measured here
+        args.stages = pipeline.auto_stages(lambda images: yardstick(args, device, images),
+                                           args.batch_size, distributed.world(), len(parse_blocks(args.blocks)))
     stages = pipeline.parse_stages(args.stages, parse_blocks(args.blocks)) if args.stages else None
     pipeline.check(args, stages, distributed.world())
     cli.check_train_args(args, distributed.world() // len(stages or [0]))
     layout = pipeline.Layout(stages)
     with bookkeeping.prepare_out(args.out):  # rank 0 holds the folder's lock until the run ends
         fit(prepare(args, device, layout))
+
+
+def yardstick(args, device, images):
+    """--stages auto's: a throwaway model, its per-block losses, a batch of random images."""
+    model = bookkeeping.network(bookkeeping.model_config(args, 1000), args.seed).to(device).train()
+    y = torch.randn(images, 3, args.image_size, args.image_size, device=device)
+    return model, head_losses(model, loss_functions(args, len(model.blocks))), y
 
 
 def prepare(args, device, layout):
