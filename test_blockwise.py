@@ -993,9 +993,9 @@ def test_losses_and_synced_cbe_exact_in_two_processes(tmp_path):
 def test_two_processes_are_the_one_process_run(tmp_path, split):
     """2 gloo processes x 4 images = one process holding the 8, in float64, step by step: every block's
     loss, the weights, LARS's momentum and BatchNorm's running statistics (distributed.SyncBatchNorm
-    normalises over the global batch), for the paper's split, LoCo's overlapping units and a ViT
-    (merged and frozen blocks: the pipeline tests). Without §5's noise: it is drawn per replica. The paper's split also
-    compares the monitors, from features gathered over both processes, with one process's."""
+    normalises over the global batch), for the paper's split, LoCo's overlapping units and a ViT (merged
+    and frozen blocks: the pipeline tests). Without §5's noise: it is drawn per replica. The paper's
+    split also compares the monitors, from features gathered over both processes, with one process's."""
     data = image_folder(tmp_path / "data", per_class=4)
     extra = ["--noise", "0", *split, *(["--monitor-every", "1"] if not split else [])]
     float64_run(data, tmp_path / "one", *extra)
