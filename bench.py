@@ -8,10 +8,11 @@ authors' order (every block forward for both views, then the backward passes); o
 step (block k back-propagated before block k+1 runs). Each configuration runs in a fresh process so
 that its peak memory is its own: on GPU torch.cuda.max_memory_allocated; on CPU the peak RSS over two
 steps (the first creates LARS's momentum; nothing runs before them) of a second fresh process run with
-MALLOC_MMAP_THRESHOLD_=65536, so that glibc hands freed tensors back to the OS and the RSS follows the live memory (with the default
-allocator, freed activations stay resident and the peak overstates the step; the setting slows the
-step, so it is not used for timing). "above torch" subtracts the RSS of the process after importing
-torch and torchvision, before any tensor: like max_memory_allocated on a GPU, it counts tensors only.
+MALLOC_MMAP_THRESHOLD_=65536, so that glibc hands freed tensors back to the OS and the RSS follows the
+live memory (with the default allocator, freed activations stay resident and the peak overstates the
+step; the setting slows the step, so it is not used for timing). "above torch" subtracts the RSS of the
+process after importing torch and torchvision, before any tensor: like max_memory_allocated on a GPU,
+it counts tensors only.
 FLOPs come from torch.utils.flop_counter (forward + backward, per image, both views counted), in an eager step
 before the warm-up: the model's FLOPs, on which MFU is computed, and those run, with recomputation. The warm-up
 steps (compilation included) come before the peak-memory reset and the timed steps. MFU's yardstick is this

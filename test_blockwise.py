@@ -799,7 +799,8 @@ def test_readme_excerpt_is_the_method():
     torch.manual_seed(0)
     x1, x2 = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.randn(6, 3, 32, 32, dtype=torch.float64)
     torch.manual_seed(1)
-    ref = train.train_step(model, x1, x2, None, train.head_losses(model, BT4), train.grad_owners(model, [0, 1, 2, 3]))[0]
+    owners = train.grad_owners(model, [0, 1, 2, 3])
+    ref = train.train_step(model, x1, x2, None, train.head_losses(model, BT4), owners)[0]
     torch.manual_seed(1)
     got = ns["train_step"](x1, x2)
     assert np.allclose(got, ref.tolist(), rtol=1e-10)

@@ -710,9 +710,10 @@ def test_bench_measures_each_configurations_own_peak_memory():
     plain step on a model whose heads' maps dominate."""
     above = {}
     for config in ("ours fp32", "ours fp32 ckpt-head"):
-        r = subprocess.run([sys.executable, "bench.py", "--arch", "resnet18", "--image-size", "64", "--batch-size",
-                            "32", "--projector", "64-64", "--head-dim", "2048", "--worker", config, "--worker-memory"],
-                           cwd=HERE, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        argv = ["--arch", "resnet18", "--image-size", "64", "--batch-size", "32", "--projector", "64-64",
+                "--head-dim", "2048", "--worker", config, "--worker-memory"]
+        r = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True,
+                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         row = json.loads(r.stdout.strip().splitlines()[-1])
         above[config] = row["peak_mib"] - row["runtime_mib"]
     assert above["ours fp32 ckpt-head"] < 0.8 * above["ours fp32"], above
