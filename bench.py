@@ -221,10 +221,16 @@ def matmul_peak(dtype, seconds=1.0):
     return best
 
 
+def worker_argv(args, name):
+    """The command line of the process that measures configuration `name` with these sizes."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("json", "worker", "configs", "worker_memory", "loop", "layouts", "traffic")] + \
+        ["--worker", name]
+
+
 def measure(args, name):
     """Time one configuration in a fresh process; on CPU measure its memory in another."""
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("json", "worker", "configs", "worker_memory", "loop")] + ["--worker", name]
+    argv = worker_argv(args, name)
     runs = [([], {})]
     if not torch.cuda.is_available():
         runs.append((["--worker-memory"], {"MALLOC_MMAP_THRESHOLD_": "65536"}))

@@ -611,6 +611,16 @@ def test_probe_refuses_a_mismatched_checkpoint(trained, tmp_path, capsys):
     expect_one_line_error(capsys, probe_argv(str(tmp_path / "run" / "nothing.pth"), data), "cannot read", entry=probe)
 
 
+def test_bench_hands_its_sizes_to_the_measuring_process():
+    """bench.py runs each configuration in a process of its own with the same sizes: its command line must parse
+    back to them (a store_true flag written as --layouts=False once broke every measurement)."""
+    args = bench.get_args(["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--layouts",
+                           "--traffic", "8", "--steps", "2"])
+    back = bench.get_args(bench.worker_argv(args, "ours fp32"))
+    assert back.worker == "ours fp32" and not back.layouts and not back.traffic
+    assert all(getattr(back, k) == v for k, v in vars(args).items() if k not in ("worker", "layouts", "traffic"))
+
+
 def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys):
     for extra, says in ((["--steps", "0"], "--steps"), (["--arch", "resnet99"], "--arch"),
                         (["--projector", "abc"], "--projector"), (["--configs", "nope"], "--configs"),
