@@ -137,9 +137,9 @@ def get_args(argv=None):
     a("--print-freq", type=cli.POSITIVE_INT, default=50, help="steps between progress lines (and "
       "at least one every 30 s)")
     a("--stages", default="", help="blocks on separate devices (pipeline.py, README): the blocks "
-      "of each pipeline stage, e.g. 1,234 or 1,2,3,4, or auto (one stage per process, the split "
-      "whose costliest stage costs least, measured at the start); under torchrun the processes form "
-      "stages x replicas, stage = rank // replicas. Exactly the simultaneous run")
+      "of each pipeline stage, e.g. 1,234 or 1,2,3,4, or auto (one stage per process, the "
+      "split whose costliest stage costs least, measured at the start); under torchrun the "
+      "processes form stages x replicas, stage = rank // replicas. Exactly the simultaneous run")
     a("--timeout", type=cli.POSITIVE, default=10.0, help="minutes a process waits for the others "
       "before the run stops with an error (a stalled or lost process)")
     a("--monitor-every", type=cli.COUNT, default=1, help="epochs between the online monitors (kNN "
@@ -167,16 +167,20 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
                 continue
-            mus = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in params]
+            for p in params:  # (not setdefault: it would allocate the zeros at every step)
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+            mus = [self.state[p]["mu"] for p in params]
             mats = [i for i, p in enumerate(params) if p.ndim > 1]
             updates = [p.grad for p in params]
-            if mats:
+            if mats:  # weight decay and the trust ratio, on matrices only
                 w = [params[i] for i in mats]
                 u = torch._foreach_add([updates[i] for i in mats], w, alpha=g["weight_decay"])
-                w_norm, u_norm = torch.stack(torch._foreach_norm(w)), torch.stack(torch._foreach_norm(u))
-                ok = (w_norm > 0) & (u_norm > 0)
-                torch._foreach_mul_(u, list(torch.where(ok, g["eta"] * w_norm / u_norm, 1.0).unbind()))
-                for i, ui in zip(mats, u):  # trust ratio
+                w_norm = torch.stack(torch._foreach_norm(w))
+                u_norm = torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm, 1.0)
+                torch._foreach_mul_(u, list(trust.unbind()))
+                for i, ui in zip(mats, u):
                     updates[i] = ui
             torch._foreach_mul_(mus, g["momentum"])
             torch._foreach_add_(mus, updates)
@@ -326,7 +330,8 @@ def main(args):
         torch.set_default_dtype(torch.float64)
     if args.stages == "auto":  # the split whose costliest stage costs least, measured here
         args.stages = pipeline.auto_stages(lambda images: yardstick(args, device, images),
-                                           args.batch_size, distributed.world(), len(parse_blocks(args.blocks)))
+                                           args.batch_size, distributed.world(),
+                                           len(parse_blocks(args.blocks)))
     stages = pipeline.parse_stages(args.stages, parse_blocks(args.blocks)) if args.stages else None
     pipeline.check(args, stages, distributed.world())
     cli.check_train_args(args, distributed.world() // len(stages or [0]))
